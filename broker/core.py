@@ -1,0 +1,450 @@
+"""The broker of one worker, without IO: sessions, subscriptions, routing and timers.
+
+Why: everything a worker decides — who gets a message, with which QoS and options, when a session
+expires, when a will goes out — is decided here, driven by packets and a `now` that the IO layer
+passes in. The per-packet behaviour lives in `broker/handlers/`; this class owns the state those
+handlers work on and the delivery path they share.
+
+Must not: touch sockets, the event loop or the clock; encode packets itself (the connection
+does); scan all subscriptions to route a message (the topic tree does a trie walk, and match
+results are cached per topic until the subscriptions change).
+
+Invariants:
+- A client id has at most one session, and a session at most one connection.
+- Every subscription in `subscriptions`/`shared_subscriptions` belongs to a session in `sessions`.
+- A QoS 1/2 delivery is either in a session's in-flight window, in its queue, or counted as
+  dropped; a QoS 0 delivery to a client whose socket is not keeping up is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable
+
+from broker.config import MqttConfig
+from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
+from broker.messages import Message
+from broker.metrics import Counters
+from broker.ports import ClientIdSource, MemorySessionStore, MeshPort, NoMesh, SessionStore, random_client_id
+from broker.protocol.connection import ConnectionState, Link, ServerConnection
+from broker.protocol.errors import MQTTError, UnsupportedProtocolVersion
+from broker.protocol.packets import Packet, Pubrel, Will
+from broker.protocol.reasons import Reason
+from broker.routing.retained import RetainedTree
+from broker.routing.shared import SharedChoice
+from broker.routing.topic_tree import TopicTree
+from broker.session import NEVER_EXPIRES_S, OutState, Outgoing, Session, SubEntry
+
+log = logging.getLogger("broker.core")
+
+ROUTE_CACHE_MAX = 4096
+
+# One matching client and its matching subscriptions (usually one).
+Route = tuple[str, tuple[SubEntry, ...]]
+SharedRoute = tuple[tuple[str, str], list[SubEntry]]  # ((group, filter), members)
+
+
+class BrokerCore:
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        store: SessionStore | None = None,
+        mesh: MeshPort | None = None,
+        new_client_id: ClientIdSource = random_client_id,
+    ) -> None:
+        self.config = config
+        self.store: SessionStore = store or MemorySessionStore()
+        self.mesh: MeshPort = mesh or NoMesh()
+        self.new_client_id = new_client_id
+        self.counters = Counters()
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[ServerConnection] = set()
+        self.connected_count = 0
+        self.subscriptions: TopicTree[str, SubEntry] = TopicTree()
+        self.shared_subscriptions: TopicTree[tuple[str, str], SubEntry] = TopicTree()
+        self.shared_choice = SharedChoice()
+        self.retained: RetainedTree[Message] = RetainedTree()
+        self.dirty: list[ServerConnection] = []
+        self._routes: dict[str, tuple[list[Route], list[SharedRoute]]] = {}
+        self._routes_generation = (-1, -1)
+        # (due, seq, client_id, kind): delayed wills and session expiries, checked by tick().
+        self._timers: list[tuple[float, int, str, str]] = []
+        self._timer_seq = 0
+        self.stopping = False
+        from broker.handlers import dispatch  # the handlers import this module's types
+
+        self._dispatch: dict[type, Callable[[BrokerCore, ServerConnection, Packet, float], None]] = dispatch.TABLE
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def open_connection(self, peer: str, link: Link, now: float) -> ServerConnection:
+        conn = ServerConnection(peer, self.config.max_packet_bytes, now, link, self.dirty)
+        self.connections.add(conn)
+        return conn
+
+    def data_received(self, conn: ServerConnection, data: bytes, now: float) -> None:
+        """Bytes from a client: decode, handle every packet, never raise."""
+        if conn.closing:
+            return
+        conn.last_rx = now
+        self.counters.bytes_received += len(data)
+        try:
+            packets = conn.receive(data)
+            dispatch = self._dispatch
+            for packet in packets:
+                dispatch[type(packet)](self, conn, packet, now)
+                if conn.closing:
+                    break
+        except MQTTError as exc:
+            self.protocol_error(conn, exc)
+
+    def protocol_error(self, conn: ServerConnection, exc: MQTTError) -> None:
+        """The one place a peer's protocol violation ends its connection [MQTT-4.13.1]."""
+        self.counters.protocol_errors += 1
+        if isinstance(exc, UnsupportedProtocolVersion):
+            log.warning("connection from %s: %s; answering CONNACK 0x01", conn.peer, exc)
+            conn.push(CONNACK_UNSUPPORTED_VERSION)
+            conn.close("unsupported protocol version")
+            return
+        reason = Reason(exc.reason_code) if exc.reason_code in Reason._value2member_map_ else exc.reason_code
+        log.warning(
+            "client %r from %s: closing, reason 0x%02X %s: %s",
+            conn.client_id or "-", conn.peer, int(exc.reason_code),
+            getattr(reason, "name", "?"), exc,
+        )
+        conn.close(f"protocol error: {exc}", exc.reason_code)
+
+    def connection_lost(self, conn: ServerConnection, now: float) -> None:
+        """The socket is gone, for whatever reason: run the will and session-end rules."""
+        if conn.state is ConnectionState.CLOSED:
+            return
+        was_connected = conn.state is ConnectionState.CONNECTED
+        conn.state = ConnectionState.CLOSED
+        self.connections.discard(conn)
+        session = conn.session
+        if not was_connected or session is None or session.connection is not conn:
+            return  # never connected, or taken over: the new owner has the session
+        self.connected_count -= 1
+        session.connection = None
+        if session.will is not None and not conn.will_cleared and not self.stopping:
+            # A draining broker keeps the will with the session rather than sending it: the
+            # client did not go away, the server did, and it may resume elsewhere.
+            self.schedule_will(session, now)
+        if session.expiry_interval_s == 0:
+            self.end_session(session, now)
+        elif session.expiry_interval_s != NEVER_EXPIRES_S:
+            session.expires_at = now + session.expiry_interval_s
+            self._add_timer(session.expires_at, session.client_id, "expiry")
+        self.store.session_saved(session)
+
+    def shutdown(self) -> None:
+        """Drain: tell 5.0 clients the server is shutting down [MQTT-4.13 / 0x8B] and close all."""
+        self.stopping = True
+        for conn in list(self.connections):
+            conn.close("server shutting down", Reason.SERVER_SHUTTING_DOWN)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every connection's pending output once, and close those that asked for it."""
+        dirty = self.dirty
+        if not dirty:
+            return
+        counters = self.counters
+        for conn in dirty:
+            out = conn.out
+            if out:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                counters.bytes_sent += len(data)
+                conn.link.write(data)
+            if conn.closing and conn.state is not ConnectionState.CLOSED:
+                conn.link.close()
+        dirty.clear()
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def end_session(self, session: Session, now: float) -> None:
+        """The session is over: drop its subscriptions and state; a pending will goes out now."""
+        if self.sessions.get(session.client_id) is not session:
+            return
+        if session.will is not None and session.will_at is not None:
+            self.publish_will(session, now)
+        for topic_filter in list(session.subscriptions):
+            self.remove_subscription(session, topic_filter)
+        del self.sessions[session.client_id]
+        self.store.session_removed(session.client_id)
+
+    def schedule_will(self, session: Session, now: float) -> None:
+        will = session.will
+        assert will is not None
+        delay = will.properties.will_delay_interval_s or 0
+        if session.expiry_interval_s < delay:
+            delay = session.expiry_interval_s  # the session ending sends it [MQTT-3.1.3-9 area]
+        if delay <= 0:
+            self.publish_will(session, now)
+        else:
+            session.will_at = now + delay
+            self._add_timer(session.will_at, session.client_id, "will")
+
+    def publish_will(self, session: Session, now: float) -> None:
+        will = session.will
+        session.will = None
+        session.will_at = None
+        if will is None:
+            return
+        self.counters.wills_published += 1
+        self.publish(self.will_message(will, session.client_id, now), now)
+
+    @staticmethod
+    def will_message(will: Will, client_id: str, now: float) -> Message:
+        props = will.properties
+        expiry = props.message_expiry_interval_s
+        return Message(
+            will.topic, will.payload, will.qos, will.retain, props, client_id,
+            None if expiry is None else now + expiry,
+        )
+
+    def _add_timer(self, due: float, client_id: str, kind: str) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (due, self._timer_seq, client_id, kind))
+
+    def tick(self, now: float) -> None:
+        """Run what is due: keepalive and CONNECT timeouts, delayed wills, session expiry."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, client_id, kind = heapq.heappop(timers)
+            session = self.sessions.get(client_id)
+            if session is None or session.connection is not None:
+                continue
+            if kind == "will" and session.will_at is not None and session.will_at <= now:
+                self.publish_will(session, now)
+            elif kind == "expiry" and session.expires_at is not None and session.expires_at <= now:
+                self.counters.sessions_expired += 1
+                self.end_session(session, now)
+        connect_timeout = self.config.connect_timeout_s
+        for conn in list(self.connections):
+            if conn.closing:
+                continue
+            if conn.state is ConnectionState.AWAITING_CONNECT:
+                if now - conn.connected_at > connect_timeout:
+                    log.info("connection from %s: no CONNECT within %.1fs, closing", conn.peer, connect_timeout)
+                    conn.close("connect timeout")
+            elif conn.keepalive_s and now - conn.last_rx > conn.keepalive_s * 1.5:
+                # [MQTT-3.1.2-24]
+                self.counters.keepalive_timeouts += 1
+                log.info("client %r from %s: keep alive timeout", conn.client_id, conn.peer)
+                conn.close("keep alive timeout", Reason.KEEP_ALIVE_TIMEOUT)
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def add_subscription(self, session: Session, key_filter: str, entry: SubEntry) -> bool:
+        """Add or replace; True if the session had no subscription to that filter before."""
+        is_new = key_filter not in session.subscriptions
+        if not is_new:
+            self.remove_subscription(session, key_filter)
+        session.subscriptions[key_filter] = entry
+        if entry.share_group is None:
+            self.subscriptions.add(entry.topic_filter, session.client_id, entry)
+        else:
+            self.shared_subscriptions.add(entry.topic_filter, (entry.share_group, session.client_id), entry)
+        return is_new
+
+    def remove_subscription(self, session: Session, key_filter: str) -> bool:
+        entry = session.subscriptions.pop(key_filter, None)
+        if entry is None:
+            return False
+        if entry.share_group is None:
+            self.subscriptions.remove(entry.topic_filter, session.client_id)
+        else:
+            self.shared_subscriptions.remove(entry.topic_filter, (entry.share_group, session.client_id))
+        return True
+
+    def _resolve(self, topic: str) -> tuple[list[Route], list[SharedRoute]]:
+        generation = (self.subscriptions.generation, self.shared_subscriptions.generation)
+        if generation != self._routes_generation:
+            self._routes.clear()
+            self._routes_generation = generation
+        routes = self._routes.get(topic)
+        if routes is not None:
+            return routes
+        by_client: dict[str, list[SubEntry]] = {}
+        for client_id, entry in self.subscriptions.match(topic):
+            by_client.setdefault(client_id, []).append(entry)
+        normal = [(cid, tuple(entries)) for cid, entries in by_client.items()]
+        groups: dict[tuple[str, str], list[SubEntry]] = {}
+        for (group, _cid), entry in self.shared_subscriptions.match(topic):
+            groups.setdefault((group, entry.topic_filter), []).append(entry)
+        for members in groups.values():
+            members.sort(key=lambda e: e.client_id)  # stable order for fair round robin
+        routes = (normal, list(groups.items()))
+        if len(self._routes) >= ROUTE_CACHE_MAX:
+            self._routes.clear()
+        self._routes[topic] = routes
+        return routes
+
+    # -- routing and delivery -------------------------------------------------------------------
+
+    def publish(self, message: Message, now: float) -> int:
+        """Route a message to every matching session here; returns how many got it."""
+        normal, shared = self._resolve(message.topic)
+        sessions = self.sessions
+        origin = message.origin
+        qos = message.qos
+        deliver = self.deliver
+        count = 0
+        for client_id, entries in normal:
+            session = sessions[client_id]
+            if len(entries) == 1:
+                entry = entries[0]
+                if entry.no_local and client_id == origin:
+                    continue  # [MQTT-3.8.3-3]
+                deliver(
+                    session, message, entry.qos if entry.qos < qos else qos,
+                    message.retain and entry.retain_as_published, entry.subscription_ids, now,
+                )
+            else:
+                # Overlapping subscriptions: one copy with the highest QoS and every
+                # subscription identifier [MQTT-3.3.4-2, -3].
+                usable = [e for e in entries if not (e.no_local and client_id == origin)]
+                if not usable:
+                    continue
+                best = max(e.qos for e in usable)
+                ids = tuple(e.subscription_id for e in usable if e.subscription_id is not None)
+                rap = any(e.retain_as_published for e in usable)
+                deliver(session, message, best if best < qos else qos, message.retain and rap, ids, now)
+            count += 1
+        for group_key, members in shared:
+            chosen = self.shared_choice.pick(
+                group_key, members, lambda e: sessions[e.client_id].connection is not None
+            ) or self.shared_choice.pick(group_key, members)
+            if chosen is None:
+                continue
+            deliver(
+                sessions[chosen.client_id], message, chosen.qos if chosen.qos < qos else qos,
+                message.retain and chosen.retain_as_published, chosen.subscription_ids, now,
+            )
+            count += 1
+        if not count:
+            self.counters.messages_no_subscribers += 1
+        return count
+
+    def deliver(
+        self, session: Session, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
+    ) -> None:
+        conn = session.connection
+        if qos == 0:
+            if conn is None:
+                return  # QoS 0 is not queued for offline sessions
+            if conn.write_paused:
+                self.counters.messages_dropped_qos0_slow_client += 1
+                return
+            data = conn.publish_bytes(message, 0, retain, sub_ids, 0, False, now)
+            if data is None:
+                self.counters.messages_dropped_too_large += 1
+                return
+            conn.push(data)
+            self.counters.messages_sent += 1
+            return
+        item = Outgoing(message, qos, retain, sub_ids)
+        if (
+            conn is not None
+            and not conn.write_paused
+            and not session.queue
+            and len(session.inflight) < self.send_window(conn)
+        ):
+            self.send_outgoing(session, conn, item, now)
+        elif len(session.queue) < self.config.max_queued_messages:
+            session.queue.append(item)
+        else:
+            session.dropped_messages += 1
+            self.counters.messages_dropped_queue_full += 1
+            if session.dropped_messages == 1 or session.dropped_messages % 1000 == 0:
+                log.warning(
+                    "session %r: queue full (%d), %d message(s) dropped so far",
+                    session.client_id, self.config.max_queued_messages, session.dropped_messages,
+                )
+
+    def send_window(self, conn: ServerConnection) -> int:
+        """How many QoS 1/2 PUBLISHes may be unacknowledged [MQTT-3.3.4-9]."""
+        limit = self.config.max_inflight
+        return conn.client_receive_maximum if conn.client_receive_maximum < limit else limit
+
+    def send_outgoing(self, session: Session, conn: ServerConnection, item: Outgoing, now: float) -> bool:
+        """Give the item a packet id and send it; False if it cannot go (too large or expired)."""
+        if item.message.expired(now):
+            self.counters.messages_dropped_expired += 1
+            return False
+        pid = session.allocate_packet_id()
+        data = conn.publish_bytes(item.message, item.qos, item.retain, item.subscription_ids, pid, False, now)
+        if data is None:
+            self.counters.messages_dropped_too_large += 1
+            return False
+        session.inflight[pid] = item
+        conn.push(data)
+        self.counters.messages_sent += 1
+        return True
+
+    def pump(self, session: Session, now: float) -> None:
+        """Move queued messages into the in-flight window while there is room."""
+        conn = session.connection
+        if conn is None or conn.closing or conn.write_paused:
+            return
+        queue = session.queue
+        window = self.send_window(conn)
+        while queue and len(session.inflight) < window:
+            self.send_outgoing(session, conn, queue.popleft(), now)
+
+    def resume(self, session: Session, conn: ServerConnection, now: float) -> None:
+        """After CONNACK on a resumed session: resend what was in flight, then the queue.
+
+        PUBLISH again with DUP set and the same packet id, PUBREL for those already
+        received by the client [MQTT-4.4.0-1].
+        """
+        for pid, item in list(session.inflight.items()):
+            if item.state is OutState.AWAITING_PUBCOMP:
+                conn.send(Pubrel(pid))
+                continue
+            if item.message.expired(now):
+                del session.inflight[pid]
+                self.counters.messages_dropped_expired += 1
+                continue
+            data = conn.publish_bytes(item.message, item.qos, item.retain, item.subscription_ids, pid, True, now)
+            if data is None:
+                del session.inflight[pid]
+                self.counters.messages_dropped_too_large += 1
+                continue
+            conn.push(data)
+        self.pump(session, now)
+
+    def writable_again(self, conn: ServerConnection, now: float) -> None:
+        """The socket drained: queued QoS 1/2 messages can flow again."""
+        conn.write_paused = False
+        if conn.session is not None and conn.session.connection is conn:
+            self.pump(conn.session, now)
+
+    # -- retained -------------------------------------------------------------------------------
+
+    def retain(self, message: Message) -> None:
+        """Store, replace or clear (empty payload) the retained message of a topic [MQTT-3.3.1-5..7]."""
+        if not message.payload:
+            if self.retained.discard(message.topic):
+                self.store.retained_changed(message.topic, None)
+            return
+        if self.retained.get(message.topic) is None and len(self.retained) >= self.config.max_retained_messages:
+            log.warning("retained store full (%d), not retaining %r", len(self.retained), message.topic)
+            return
+        self.retained.set(message.topic, message)
+        self.store.retained_changed(message.topic, message)
+
+    def retained_for(self, topic_filter: str, now: float) -> list[Message]:
+        out = []
+        for topic, message in self.retained.match(topic_filter):
+            if message.expired(now):
+                self.retained.discard(topic)
+                self.store.retained_changed(topic, None)
+                continue
+            out.append(message)
+        return out

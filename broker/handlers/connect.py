@@ -1,0 +1,177 @@
+"""CONNECT: admit a client, create or resume its session, take it over from an older connection.
+
+Why: the rules of the first packet are many and all in one place here — client identifier,
+clean start and session expiry, will checks, keep alive, the limits the server announces in
+CONNACK, and session takeover.
+
+Must not: do IO or read the clock (`now` is given); route messages except the wills that a
+takeover or a clean start releases.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from broker.handlers.common import is_utf8, refuse_connect
+from broker.protocol.codec import MAX_PACKET_BYTES
+from broker.protocol.connection import ConnectionState, ServerConnection
+from broker.protocol.errors import MQTTError, ProtocolError
+from broker.protocol.packets import Connack, Connect, Packet, Properties, ProtocolVersion
+from broker.protocol.reasons import Reason
+from broker.protocol.topics import validate_topic_name
+from broker.session import NEVER_EXPIRES_S, Session
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+
+log = logging.getLogger("broker.handlers.connect")
+
+V5 = ProtocolVersion.V5
+
+
+def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
+    assert isinstance(packet, Connect)
+    if conn.state is not ConnectionState.AWAITING_CONNECT:
+        raise ProtocolError("second CONNECT on one connection [MQTT-3.1.0-2]")
+    cfg = core.config
+    conn.version = ProtocolVersion.V5 if packet.protocol_version is V5 else ProtocolVersion.V311
+    v5 = conn.version is V5
+    props = packet.properties
+
+    if core.connected_count >= cfg.max_connections:
+        core.counters.connections_refused += 1
+        refuse_connect(conn, Reason.QUOTA_EXCEEDED if v5 else Reason.SERVER_UNAVAILABLE, "too many connections")
+        return
+    if v5 and props.authentication_method is not None:
+        # No enhanced authentication method is supported [MQTT-4.12.0-1].
+        refuse_connect(conn, Reason.BAD_AUTHENTICATION_METHOD, "unsupported authentication method")
+        return
+
+    client_id = packet.client_id
+    assigned = False
+    if not client_id:
+        if not packet.clean_start and not v5:
+            # [MQTT-3.1.3-8]
+            refuse_connect(conn, Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id needs clean session")
+            return
+        if not cfg.allow_empty_client_id:
+            refuse_connect(conn, Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id not allowed")
+            return
+        client_id = core.new_client_id()
+        assigned = True
+
+    will = packet.will
+    if will is not None:
+        try:
+            validate_topic_name(will.topic)
+        except MQTTError:
+            refuse_connect(conn, Reason.TOPIC_NAME_INVALID, f"invalid will topic {will.topic!r}")
+            return
+        if will.qos > cfg.maximum_qos:
+            refuse_connect(conn, Reason.QOS_NOT_SUPPORTED, "will QoS above maximum QoS")  # [MQTT-3.2.2-12]
+            return
+        if will.retain and not cfg.retain_available:
+            refuse_connect(conn, Reason.RETAIN_NOT_SUPPORTED, "will retain not available")  # [MQTT-3.2.2-13]
+            return
+        if (
+            will.properties.payload_format_indicator == 1
+            and not is_utf8(will.payload)
+        ):
+            refuse_connect(conn, Reason.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
+            return
+
+    # Session expiry: 3.1.1 clean session 0 means "never expires" (capped by config).
+    if v5:
+        requested_expiry = props.session_expiry_interval_s or 0
+    else:
+        requested_expiry = 0 if packet.clean_start else NEVER_EXPIRES_S
+    expiry = min(requested_expiry, cfg.max_session_expiry_s)
+
+    keepalive = packet.keepalive_s
+    server_keepalive: int | None = None
+    if v5 and keepalive > cfg.max_keepalive_s:
+        keepalive = server_keepalive = cfg.max_keepalive_s  # [MQTT-3.2.2-21]
+
+    # The client's own limits.
+    conn.client_id = client_id
+    conn.keepalive_s = keepalive
+    if v5:
+        conn.client_receive_maximum = props.receive_maximum or 65535
+        conn.client_max_packet_bytes = props.maximum_packet_bytes or MAX_PACKET_BYTES
+        conn.client_topic_alias_maximum = props.topic_alias_maximum or 0
+        conn.problem_information = props.request_problem_information != 0
+
+    session_present = _attach_session(core, conn, client_id, packet.clean_start, expiry, now)
+    session = conn.session
+    assert session is not None
+    session.will = will
+    session.will_at = None
+
+    connack_props = Properties()
+    if v5:
+        connack_props = Properties(
+            assigned_client_identifier=client_id if assigned else None,
+            server_keep_alive_s=server_keepalive,
+            session_expiry_interval_s=expiry if expiry != requested_expiry else None,
+            receive_maximum=cfg.max_inflight if cfg.max_inflight < 65535 else None,
+            maximum_packet_bytes=cfg.max_packet_bytes if cfg.max_packet_bytes < MAX_PACKET_BYTES else None,
+            topic_alias_maximum=cfg.max_topic_alias or None,
+            maximum_qos=cfg.maximum_qos if cfg.maximum_qos < 2 else None,
+            retain_available=None if cfg.retain_available else 0,
+            response_information=(
+                cfg.response_information + client_id
+                if props.request_response_information == 1 and cfg.response_information
+                else None
+            ),
+        )
+    conn.state = ConnectionState.CONNECTED
+    core.connected_count += 1
+    core.counters.connections_accepted += 1
+    conn.send(Connack(session_present, Reason.SUCCESS, connack_props))
+    log.debug("client %r connected from %s (v%d, session present %s)", client_id, conn.peer,
+              int(conn.version), session_present)
+    core.store.session_saved(session)
+    if session_present:
+        core.resume(session, conn, now)
+
+
+def _attach_session(
+    core: BrokerCore, conn: ServerConnection, client_id: str, clean_start: bool, expiry: int, now: float
+) -> bool:
+    """Bind the connection to a new or resumed session; returns Session Present [MQTT-3.2.2-2, -3]."""
+    session = core.sessions.get(client_id)
+    if session is not None:
+        old = session.connection
+        if old is not None:
+            # Takeover [MQTT-3.1.4-3]: the old connection is closed with 0x8E. Its will goes out
+            # unless the session continues and the will was delayed [MQTT-3.1.3-9].
+            core.counters.sessions_taken_over += 1
+            log.info("client %r: session taken over by %s (was %s)", client_id, conn.peer, old.peer)
+            old.close("session taken over", Reason.SESSION_TAKEN_OVER)
+            old.session = None
+            core.connected_count -= 1
+            session.connection = None
+            will = session.will
+            if will is not None:
+                delayed = bool(will.properties.will_delay_interval_s)
+                if clean_start or not delayed:
+                    core.publish_will(session, now)
+                session.will = None
+        elif session.will_at is not None and clean_start:
+            core.publish_will(session, now)  # the old session ends, so its delayed will is due
+        session.will = None
+        session.will_at = None
+        if clean_start:
+            core.end_session(session, now)
+            session = None
+    present = session is not None
+    if session is None:
+        session = Session(client_id, expiry)
+        core.sessions[client_id] = session
+    session.expiry_interval_s = expiry
+    session.expires_at = None
+    session.connection = conn
+    conn.session = session
+    return present
+
