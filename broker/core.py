@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import heapq
+from dataclasses import replace
 import logging
 from collections.abc import Callable
 
@@ -201,6 +202,8 @@ class BrokerCore:
     @staticmethod
     def will_message(will: Will, client_id: str, now: float) -> Message:
         props = will.properties
+        if props.will_delay_interval_s is not None:
+            props = replace(props, will_delay_interval_s=None)  # a will property, not a PUBLISH one
         expiry = props.message_expiry_interval_s
         return Message(
             will.topic, will.payload, will.qos, will.retain, props, client_id,

@@ -58,6 +58,7 @@ class HarnessClient:
         self.conn: ServerConnection = harness.core.open_connection("test:1", self.link, harness.clock.now)
         self.decoder = Decoder(version=version)
         self._read = 0
+        self._pending: list[Packet] = []
 
     def send(self, *packets: Packet) -> None:
         data = b"".join(encode(p, self.version) for p in packets)
@@ -71,13 +72,16 @@ class HarnessClient:
     def received(self) -> list[Packet]:
         data = bytes(self.link.written[self._read :])
         self._read = len(self.link.written)
-        return self.decoder.feed(data)
+        packets = self._pending + self.decoder.feed(data)
+        self._pending = []
+        return packets
 
     def connect(self, client_id: str = "c1", clean_start: bool = True, **kwargs: Any) -> Packet:
         props = kwargs.pop("properties", Properties())
         self.send(Connect(client_id, self.version, clean_start, properties=props, **kwargs))
         packets = self.received()
         assert len(packets) >= 1, "no CONNACK"
+        self._pending = packets[1:]  # what followed CONNACK (a resumed session's messages)
         return packets[0]
 
     def lose(self) -> None:

@@ -30,6 +30,7 @@ def subscribe(client, *subs: Subscription, pid: int = 1, props: Properties = Pro
     client.send(Subscribe(pid, subs, props))
     packets = client.received()
     assert isinstance(packets[0], Suback)
+    client._pending = packets[1:]  # retained messages follow the SUBACK
     return packets[0]
 
 

@@ -1,0 +1,389 @@
+"""broker.config: defaults, every key's validation, unknown keys, ${VAR} expansion, overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# _TOP and _Section are the loader's key tables: imported to check that every key is tested.
+from broker.config import (
+    _TOP,
+    Config,
+    ConfigError,
+    LoggingConfig,
+    MqttConfig,
+    PostgresConfig,
+    SqliteConfig,
+    StoreType,
+    _Section,
+    load_config,
+    parse_config,
+    with_overrides,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def nested(path: str, value: object) -> dict[str, Any]:
+    """{"A": {"B": value}} from "A.B"."""
+    *parents, leaf = path.split(".")
+    data: dict[str, Any] = {leaf: value}
+    for name in reversed(parents):
+        data = {name: data}
+    return data
+
+
+def error_of(data: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return str(info.value)
+
+
+# --- defaults -------------------------------------------------------------------------------------
+
+
+def test_no_file_and_empty_file_give_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(None) == Config()
+    assert load_config(str(empty)) == Config()
+    assert parse_config({}) == Config()
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    c = Config()
+    assert (c.workers, c.listen_address, c.tcp_port, c.cluster) == (0, "0.0.0.0", 1883, False)
+    assert c.node_name  # the host name
+    assert c.mqtt == MqttConfig(
+        max_connections=100_000,
+        max_packet_bytes=268_435_455,
+        max_inflight=100,
+        max_queued_messages=1000,
+        connect_timeout_s=10.0,
+        max_keepalive_s=65535,
+        max_session_expiry_s=4_294_967_295,
+        max_topic_alias=65535,
+        retain_available=True,
+        maximum_qos=2,
+        response_information="",
+        allow_empty_client_id=True,
+        max_retained_messages=1_000_000,
+    )
+    assert c.session_store.type is StoreType.SQLITE
+    assert c.session_store.sqlite == SqliteConfig(path="data/meshmq.db")
+    assert c.session_store.postgres == PostgresConfig(
+        url="postgresql://127.0.0.1:5432/meshmq", user="", password="", schema="meshmq", pool_size=8
+    )
+    assert c.logging == LoggingConfig(level="INFO", loggers=())
+
+
+def test_shipped_config_loads_and_gives_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHMQ_PG_PASS", raising=False)
+    assert load_config(str(REPO / "etc" / "meshmq.yaml")) == Config()
+
+
+def test_values_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().mqtt.max_inflight = 5  # type: ignore[misc]
+
+
+def test_a_section_with_all_keys_commented_out_is_empty() -> None:
+    assert parse_config({"MQTT": None, "Logging": None}) == Config()
+
+
+def test_worker_count() -> None:
+    assert Config(workers=3).worker_count == 3
+    assert Config(workers=0).worker_count >= 1
+
+
+def test_password_is_not_in_repr() -> None:
+    assert "s3cret" not in repr(parse_config(nested("SessionStore.Postgres.Pass", "s3cret")))
+
+
+# --- every key: good values are taken ------------------------------------------------------------
+
+GOOD: list[tuple[str, object, str, object]] = [
+    ("NodeName", "node-1.lab_a", "node_name", "node-1.lab_a"),
+    ("Workers", 4, "workers", 4),
+    ("ListenAddress", "127.0.0.2", "listen_address", "127.0.0.2"),
+    ("ListenAddress", "::1", "listen_address", "::1"),
+    ("ListenAddress", "localhost", "listen_address", "localhost"),
+    ("TCP", 0, "tcp_port", 0),
+    ("MQTT.MaxConnections", 1, "mqtt.max_connections", 1),
+    ("MQTT.MaxPacketSize", 128, "mqtt.max_packet_bytes", 128),
+    ("MQTT.MaxInflight", 65535, "mqtt.max_inflight", 65535),
+    ("MQTT.MaxQueuedMessages", 0, "mqtt.max_queued_messages", 0),
+    ("MQTT.ConnectTimeout", 2.5, "mqtt.connect_timeout_s", 2.5),
+    ("MQTT.ConnectTimeout", 3, "mqtt.connect_timeout_s", 3.0),
+    ("MQTT.MaxKeepAlive", 1, "mqtt.max_keepalive_s", 1),
+    ("MQTT.MaxSessionExpiry", 0, "mqtt.max_session_expiry_s", 0),
+    ("MQTT.MaxTopicAlias", 0, "mqtt.max_topic_alias", 0),
+    ("MQTT.RetainAvailable", False, "mqtt.retain_available", False),
+    ("MQTT.MaximumQoS", 1, "mqtt.maximum_qos", 1),
+    ("MQTT.ResponseInformation", "resp/", "mqtt.response_information", "resp/"),
+    ("MQTT.AllowEmptyClientId", False, "mqtt.allow_empty_client_id", False),
+    ("MQTT.MaxRetainedMessages", 0, "mqtt.max_retained_messages", 0),
+    ("SessionStore.Type", "POSTGRES", "session_store.type", StoreType.POSTGRES),
+    ("SessionStore.Type", "memory", "session_store.type", StoreType.MEMORY),
+    ("SessionStore.SQLite.Path", "/tmp/x.db", "session_store.sqlite.path", "/tmp/x.db"),
+    ("SessionStore.Postgres.Url", "postgresql://h/db", "session_store.postgres.url", "postgresql://h/db"),
+    ("SessionStore.Postgres.User", "mq", "session_store.postgres.user", "mq"),
+    ("SessionStore.Postgres.Pass", "pw", "session_store.postgres.password", "pw"),
+    ("SessionStore.Postgres.Schema", "mq_2", "session_store.postgres.schema", "mq_2"),
+    ("SessionStore.Postgres.PoolSize", 1, "session_store.postgres.pool_size", 1),
+    ("Logging.Level", "debug", "logging.level", "DEBUG"),
+    ("Logging.Loggers", {"broker.net": "DEBUG", "mesh": "error"}, "logging.loggers",
+     (("broker.net", "DEBUG"), ("mesh", "ERROR"))),
+]  # fmt: skip
+
+
+def attribute(config: Config, dotted: str) -> object:
+    value: object = config
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value
+
+
+@pytest.mark.parametrize(("key", "value", "attr", "expected"), GOOD, ids=[f"{g[0]}={g[1]!r}" for g in GOOD])
+def test_good_value_is_taken(key: str, value: object, attr: str, expected: object) -> None:
+    assert attribute(parse_config(nested(key, value)), attr) == expected
+
+
+# --- every key: wrong types and ranges name the key, the expectation and the value ---------------
+
+BAD: list[tuple[str, object, str, str]] = [
+    ("NodeName", "", "letters, digits", "''"),
+    ("NodeName", "a/b", "letters, digits", "'a/b'"),
+    ("NodeName", 7, "letters, digits", "7"),
+    ("Workers", -1, "an integer from 0 to 1024", "-1"),
+    ("Workers", "2", "an integer from 0 to 1024", "'2'"),
+    ("Workers", 1.0, "an integer from 0 to 1024", "1.0"),
+    ("ListenAddress", "no spaces", "an IP address or host name", "'no spaces'"),
+    ("ListenAddress", 1, "an IP address or host name", "1"),
+    ("TCP", 65536, "an integer from 0 to 65535", "65536"),
+    ("TCP", True, "an integer from 0 to 65535", "true"),
+    ("MQTT.MaxConnections", 0, "an integer >= 1", "0"),
+    ("MQTT.MaxPacketSize", 127, "an integer from 128 to 268435455", "127"),
+    ("MQTT.MaxPacketSize", 268_435_456, "an integer from 128 to 268435455", "268435456"),
+    ("MQTT.MaxInflight", "abc", "an integer from 1 to 65535", "'abc'"),
+    ("MQTT.MaxInflight", 0, "an integer from 1 to 65535", "0"),
+    ("MQTT.MaxQueuedMessages", -1, "an integer >= 0", "-1"),
+    ("MQTT.ConnectTimeout", 0, "a number of seconds > 0", "0"),
+    ("MQTT.ConnectTimeout", "10s", "a number of seconds > 0", "'10s'"),
+    ("MQTT.ConnectTimeout", float("nan"), "a number of seconds > 0", "nan"),
+    ("MQTT.MaxKeepAlive", 0, "an integer from 1 to 65535", "0"),
+    ("MQTT.MaxKeepAlive", 65536, "an integer from 1 to 65535", "65536"),
+    ("MQTT.MaxSessionExpiry", 4_294_967_296, "an integer from 0 to 4294967295", "4294967296"),
+    ("MQTT.MaxTopicAlias", -1, "an integer from 0 to 65535", "-1"),
+    ("MQTT.RetainAvailable", "yes", "true or false", "'yes'"),
+    ("MQTT.RetainAvailable", 1, "true or false", "1"),
+    ("MQTT.MaximumQoS", 3, "an integer from 0 to 2", "3"),
+    ("MQTT.ResponseInformation", 5, "a string", "5"),
+    ("MQTT.AllowEmptyClientId", "false", "true or false", "'false'"),
+    ("MQTT.MaxRetainedMessages", None, "an integer >= 0", "null"),
+    ("SessionStore.Type", "MYSQL", "one of SQLITE, POSTGRES, MEMORY", "'MYSQL'"),
+    ("SessionStore.SQLite.Path", "", "a file path", "''"),
+    ("SessionStore.Postgres.Url", "", "a PostgreSQL connection URL", "''"),
+    ("SessionStore.Postgres.User", ["x"], "a string", "a list"),
+    ("SessionStore.Postgres.Pass", 1234, "a string", "1234"),
+    ("SessionStore.Postgres.Schema", "x; DROP TABLE s", "a lower-case SQL identifier", "'x; DROP TABLE s'"),
+    ("SessionStore.Postgres.PoolSize", 0, "an integer from 1 to 1000", "0"),
+    ("Logging.Level", "VERBOSE", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "'VERBOSE'"),
+    ("Logging.Loggers", ["a"], "a mapping of logger name to level", "a list"),
+    ("Logging.Loggers.broker", "LOUD", "one of DEBUG", "'LOUD'"),
+    ("MQTT", 5, "a mapping", "5"),
+    ("SessionStore.Postgres", "x", "a mapping", "'x'"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected", "shown"), BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
+def test_bad_value_names_the_key_the_expectation_and_the_value(
+    key: str, value: object, expected: str, shown: str
+) -> None:
+    message = error_of(nested(key, value))
+    assert message.startswith(f"{key}: ")
+    assert expected in message
+    assert message.endswith(f"got {shown}")
+
+
+def leaf_keys(section: _Section[Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, (_, convert) in section.keys.items():
+        path = f"{prefix}{name}"
+        keys |= leaf_keys(convert, f"{path}.") if isinstance(convert, _Section) else {path}
+    return keys
+
+
+def test_every_key_of_the_loader_is_tested() -> None:
+    """Guards the tables above against a key added to the loader without a test."""
+    assert {key for key, *_ in GOOD} == leaf_keys(_TOP)
+    assert {key for key, *_ in BAD} >= leaf_keys(_TOP)
+
+
+def test_spec_example_message() -> None:
+    assert error_of({"MQTT": {"MaxInflight": "abc"}}) == (
+        "MQTT.MaxInflight: must be an integer from 1 to 65535, got 'abc'"
+    )
+
+
+# --- unknown keys -----------------------------------------------------------------------------
+
+
+def test_unknown_key_is_named_and_allowed_keys_listed() -> None:
+    message = error_of({"MQTT": {"MaxInflght": 5}})
+    assert message.startswith("MQTT.MaxInflght: unknown key")
+    assert "did you mean MaxInflight?" in message
+    assert "allowed keys in MQTT: MaxConnections, MaxPacketSize, MaxInflight" in message
+
+
+def test_keys_are_case_sensitive() -> None:
+    message = error_of({"mqtt": {}})
+    assert message.startswith("mqtt: unknown key (did you mean MQTT?)")
+    assert "allowed keys at the top level: NodeName, Workers" in message
+
+
+def test_unknown_nested_key() -> None:
+    assert error_of(nested("SessionStore.Postgres.Password", "x")).startswith(
+        "SessionStore.Postgres.Password: unknown key"
+    )
+
+
+@pytest.mark.parametrize("section", ["Cluster", "Mesh", "Http", "TCPS", "WS", "WSS", "Auth"])
+def test_sections_of_later_versions_are_refused(section: str) -> None:
+    message = error_of({section: {}})
+    assert message.startswith(f"{section}: unknown key (not supported in this version yet)")
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    assert error_of(["MQTT"]) == "<config>: the top level must be a mapping of keys to values, got a list"
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_config(str(path))
+
+
+def test_invalid_yaml_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("MQTT: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(str(path))
+
+
+def test_bytes_that_are_not_utf8_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"MQTT:\n  ResponseInformation: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not valid YAML"):
+        load_config(str(path))
+
+
+def test_directory_is_not_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the configuration file"):
+        load_config(str(tmp_path))
+
+
+def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("MQTT:\n  MaxInflight: 1\n  MaxInflight: 2\n")
+    with pytest.raises(ConfigError, match=r"^MaxInflight: duplicate key \(line 3\)"):
+        load_config(str(path))
+
+
+def test_yaml_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "NodeName: n1\nTCP: 1884\nMQTT:\n  MaxInflight: 10\n  RetainAvailable: false\n"
+        "SessionStore:\n  Type: MEMORY\nLogging:\n  Level: WARNING\n  Loggers:\n    mesh: DEBUG\n"
+    )
+    c = load_config(str(path))
+    assert (c.node_name, c.tcp_port, c.mqtt.max_inflight, c.mqtt.retain_available) == ("n1", 1884, 10, False)
+    assert c.session_store.type is StoreType.MEMORY
+    assert c.logging == LoggingConfig(level="WARNING", loggers=(("mesh", "DEBUG"),))
+
+
+# --- environment variables --------------------------------------------------------------------
+
+
+def test_env_var_is_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHMQ_TEST_PASS", "s3cret")
+    c = parse_config(nested("SessionStore.Postgres.Pass", "${MESHMQ_TEST_PASS}"))
+    assert c.session_store.postgres.password == "s3cret"
+    c = parse_config(nested("SessionStore.Postgres.Url", "postgresql://${MESHMQ_TEST_PASS}@h/db"))
+    assert c.session_store.postgres.url == "postgresql://s3cret@h/db"
+
+
+def test_env_default_when_unset_or_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHMQ_TEST_UNSET", raising=False)
+    monkeypatch.setenv("MESHMQ_TEST_EMPTY", "")
+    c = parse_config(nested("SessionStore.Postgres.User", "${MESHMQ_TEST_UNSET:-mq}-${MESHMQ_TEST_EMPTY:-x}"))
+    assert c.session_store.postgres.user == "mq-x"
+    c = parse_config(nested("SessionStore.Postgres.Pass", "${MESHMQ_TEST_UNSET:-}"))
+    assert c.session_store.postgres.password == ""
+
+
+def test_missing_env_var_names_key_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHMQ_TEST_UNSET", raising=False)
+    message = error_of(nested("SessionStore.Postgres.Pass", "${MESHMQ_TEST_UNSET}"))
+    assert message.startswith("SessionStore.Postgres.Pass: environment variable MESHMQ_TEST_UNSET is not set")
+
+
+def test_set_but_empty_env_var_without_default_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHMQ_TEST_EMPTY", "")
+    c = parse_config(nested("SessionStore.Postgres.Pass", "${MESHMQ_TEST_EMPTY}"))
+    assert c.session_store.postgres.password == ""
+
+
+def test_malformed_reference_and_escape(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert error_of(nested("MQTT.ResponseInformation", "${OOPS")).startswith(
+        "MQTT.ResponseInformation: malformed environment reference '${OOPS'"
+    )
+    c = parse_config(nested("MQTT.ResponseInformation", "$${LITERAL}"))
+    assert c.mqtt.response_information == "${LITERAL}"
+
+
+def test_env_var_can_fill_numbers_and_booleans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHMQ_TEST_PORT", "1999")
+    monkeypatch.setenv("MESHMQ_TEST_FLAG", "false")
+    monkeypatch.setenv("MESHMQ_TEST_SECONDS", "0.5")
+    c = parse_config(
+        {
+            "TCP": "${MESHMQ_TEST_PORT}",
+            "MQTT": {"RetainAvailable": "${MESHMQ_TEST_FLAG}", "ConnectTimeout": "${MESHMQ_TEST_SECONDS}"},
+        }
+    )
+    assert (c.tcp_port, c.mqtt.retain_available, c.mqtt.connect_timeout_s) == (1999, False, 0.5)
+    monkeypatch.setenv("MESHMQ_TEST_PORT", "http")
+    assert error_of({"TCP": "${MESHMQ_TEST_PORT}"}) == "TCP: must be an integer from 0 to 65535, got 'http'"
+
+
+# --- command-line overrides -------------------------------------------------------------------
+
+
+def test_with_overrides_replaces_only_what_is_given() -> None:
+    base = parse_config({"Workers": 2, "TCP": 1884, "Logging": {"Level": "ERROR", "Loggers": {"m": "DEBUG"}}})
+    assert with_overrides(base) == base
+    c = with_overrides(base, workers=0, tcp_port=0, log_level="debug", cluster=True)
+    assert (c.workers, c.tcp_port, c.cluster) == (0, 0, True)
+    assert c.logging == LoggingConfig(level="DEBUG", loggers=(("m", "DEBUG"),))
+    assert c.mqtt == base.mqtt
+
+
+@pytest.mark.parametrize(
+    ("overrides", "prefix"),
+    [
+        ({"workers": -2}, "Workers (-workers): must be an integer from 0 to 1024"),
+        ({"tcp_port": 70000}, "TCP (-port): must be an integer from 0 to 65535"),
+        ({"log_level": "LOUD"}, "Logging.Level (-log): must be one of"),
+    ],
+)
+def test_with_overrides_validates(overrides: dict[str, Any], prefix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        with_overrides(Config(), **overrides)
+    assert str(info.value).startswith(prefix)
