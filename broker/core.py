@@ -76,7 +76,7 @@ class BrokerCore:
         self.stopping = False
         from broker.handlers import dispatch  # the handlers import this module's types
 
-        self._dispatch: dict[type, Callable[[BrokerCore, ServerConnection, Packet, float], None]] = dispatch.TABLE
+        self._dispatch = dispatch.TABLE
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -91,9 +91,21 @@ class BrokerCore:
             return
         conn.last_rx = now
         self.counters.bytes_received += len(data)
+        dispatch = self._dispatch
         try:
             packets = conn.receive(data)
-            dispatch = self._dispatch
+        except MQTTError as exc:
+            # Act on the good packets that came before the bad one, then close.
+            try:
+                for packet in exc.packets_before:
+                    dispatch[type(packet)](self, conn, packet, now)
+                    if conn.closing:
+                        return
+            except MQTTError as first:
+                exc = first
+            self.protocol_error(conn, exc)
+            return
+        try:
             for packet in packets:
                 dispatch[type(packet)](self, conn, packet, now)
                 if conn.closing:
@@ -124,6 +136,14 @@ class BrokerCore:
         was_connected = conn.state is ConnectionState.CONNECTED
         conn.state = ConnectionState.CLOSED
         self.connections.discard(conn)
+        pending = conn.decoder.buffered_bytes
+        if not was_connected:
+            log.info("connection from %s closed before CONNECT%s", conn.peer,
+                     f" (with {pending} bytes of an incomplete packet)" if pending else "")
+        else:
+            log.info("client %r from %s disconnected: %s%s", conn.client_id, conn.peer,
+                     conn.close_reason or "connection lost",
+                     f" (with {pending} bytes of an incomplete packet)" if pending else "")
         session = conn.session
         if not was_connected or session is None or session.connection is not conn:
             return  # never connected, or taken over: the new owner has the session
@@ -197,7 +217,10 @@ class BrokerCore:
         if will is None:
             return
         self.counters.wills_published += 1
-        self.publish(self.will_message(will, session.client_id, now), now)
+        message = self.will_message(will, session.client_id, now)
+        if message.retain:
+            self.retain(message)  # [MQTT-3.1.2-17]
+        self.publish(message, now)
 
     @staticmethod
     def will_message(will: Will, client_id: str, now: float) -> Message:

@@ -18,7 +18,18 @@ from broker.protocol.packets import NO_PROPERTIES, Properties
 
 
 class Message:
-    __slots__ = ("encoded", "expires_at", "origin", "payload", "properties", "qos", "retain", "topic")
+    __slots__ = (
+        "encoded",
+        "encoded_key",
+        "encoded_parts",
+        "expires_at",
+        "origin",
+        "payload",
+        "properties",
+        "qos",
+        "retain",
+        "topic",
+    )
 
     def __init__(
         self,
@@ -37,7 +48,11 @@ class Message:
         self.properties = properties
         self.origin = origin
         self.expires_at = expires_at
-        # (shape key) -> (head, tail) of the encoded PUBLISH; see broker.protocol.connection.
+        # The encoded PUBLISH as (head, tail) by shape (see ServerConnection.publish_bytes): the
+        # first shape in two slots, which is all a message delivered once or to alike clients
+        # needs; further shapes in a dict made only when needed.
+        self.encoded_key: object = None
+        self.encoded_parts: tuple[bytes, bytes] = (b"", b"")
         self.encoded: dict[object, tuple[bytes, bytes]] | None = None
 
     def expired(self, now: float) -> bool:

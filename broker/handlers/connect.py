@@ -30,14 +30,14 @@ log = logging.getLogger("broker.handlers.connect")
 V5 = ProtocolVersion.V5
 
 
-def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Connect)
+def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, now: float) -> None:
     if conn.state is not ConnectionState.AWAITING_CONNECT:
         raise ProtocolError("second CONNECT on one connection [MQTT-3.1.0-2]")
     cfg = core.config
     conn.version = ProtocolVersion.V5 if packet.protocol_version is V5 else ProtocolVersion.V311
     v5 = conn.version is V5
     props = packet.properties
+    conn.client_id = packet.client_id  # for the log lines of a refusal
 
     if core.connected_count >= cfg.max_connections:
         core.counters.connections_refused += 1
@@ -129,8 +129,8 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Packet, now
     core.connected_count += 1
     core.counters.connections_accepted += 1
     conn.send(Connack(session_present, Reason.SUCCESS, connack_props))
-    log.debug("client %r connected from %s (v%d, session present %s)", client_id, conn.peer,
-              int(conn.version), session_present)
+    log.info("client %r connected from %s (%s, keep alive %ds, session present %s)", client_id, conn.peer,
+             "5.0" if v5 else "3.1.1", keepalive, session_present)
     core.store.session_saved(session)
     if session_present:
         core.resume(session, conn, now)

@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 PINGRESP = Pingresp()
 
 
-def handle_disconnect(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Disconnect)
+def handle_disconnect(core: BrokerCore, conn: ServerConnection, packet: Disconnect, now: float) -> None:
     session = conn.session
     assert session is not None
     expiry = packet.properties.session_expiry_interval_s
@@ -36,13 +35,11 @@ def handle_disconnect(core: BrokerCore, conn: ServerConnection, packet: Packet, 
     conn.close(f"client disconnected (0x{packet.reason_code:02X})")
 
 
-def handle_pingreq(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Pingreq)
+def handle_pingreq(core: BrokerCore, conn: ServerConnection, packet: Pingreq, now: float) -> None:
     conn.send(PINGRESP)  # [MQTT-3.12.4-1]
 
 
-def handle_auth(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Auth)
+def handle_auth(core: BrokerCore, conn: ServerConnection, packet: Auth, now: float) -> None:
     # No authentication method was agreed in CONNECT, so AUTH is out of place [MQTT-4.12.0-1].
     raise ProtocolError("AUTH without an authentication method")
 

@@ -8,7 +8,7 @@ CONNECT synchronously.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.handlers.connect import handle_connect
 from broker.handlers.disconnect import handle_auth, handle_disconnect, handle_pingreq, handle_server_only
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from broker.core import BrokerCore
     from broker.protocol.connection import ServerConnection
 
-Handler = Callable[["BrokerCore", "ServerConnection", p.Packet, float], None]
+# Each handler takes its own packet class; the table is indexed by that class, so the loose
+# `Any` here is checked by construction.
+Handler = Callable[["BrokerCore", "ServerConnection", Any, float], None]
 
 TABLE: dict[type, Handler] = {
     p.Connect: handle_connect,

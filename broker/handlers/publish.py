@@ -23,7 +23,7 @@ from broker.protocol.connection import ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError, ReceiveMaximumExceeded, TopicAliasInvalid
 from broker.protocol.packets import (
     NO_PROPERTIES,
-    Packet,
+    Properties,
     ProtocolVersion,
     Puback,
     Pubcomp,
@@ -42,53 +42,43 @@ V5 = ProtocolVersion.V5
 NO_SUBSCRIBERS = Reason.NO_MATCHING_SUBSCRIBERS
 
 
-def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Publish)
+def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, now: float) -> None:
+    # The hottest function of the broker: every check costs on every message, so the common
+    # case (no properties, topic given, QoS within limits) takes the fewest branches.
     session = conn.session
     assert session is not None
     qos = packet.qos
     topic = packet.topic
     props = packet.properties
-    v5 = conn.version is V5
-    if v5 and props is not NO_PROPERTIES:
-        alias = props.topic_alias
-        if alias is not None:
-            if alias == 0 or alias > core.config.max_topic_alias:
-                raise TopicAliasInvalid(f"topic alias {alias} outside 1..{core.config.max_topic_alias}")  # [MQTT-3.3.2-8, -9]
-            if topic:
-                conn.alias_in[alias] = topic
-            else:
-                found = conn.alias_in.get(alias)
-                if found is None:
-                    raise ProtocolError(f"topic alias {alias} used before it was set")
-                topic = found
-        if props.subscription_identifiers:
-            raise ProtocolError("PUBLISH from a client carries a subscription identifier [MQTT-3.3.4-6]")
-    try:
+    if props is not NO_PROPERTIES:
+        topic = _apply_properties(core, conn, packet, topic, props)
+    # The decoder already refused U+0000 and ill-formed UTF-8, and the 2-byte length bounds the
+    # size; what is left of the topic name rules is: non-empty, no wildcards [MQTT-3.3.2-2].
+    if not topic or "+" in topic or "#" in topic:
         validate_topic_name(topic)
-    except MQTTError as exc:
-        raise MQTTError(str(exc), Reason.TOPIC_NAME_INVALID) from exc
     counters = core.counters
     counters.messages_received += 1
-    cfg = core.config
-    if qos > cfg.maximum_qos:
-        raise MQTTError(f"QoS {qos} above maximum QoS {cfg.maximum_qos}", Reason.QOS_NOT_SUPPORTED)  # [MQTT-3.2.2-11]
-    if packet.retain and not cfg.retain_available:
-        raise MQTTError("retain not available", Reason.RETAIN_NOT_SUPPORTED)  # [MQTT-3.2.2-14]
+    if qos > core.config.maximum_qos or (packet.retain and not core.config.retain_available):
+        _refuse_limits(core, packet)
 
-    if qos == 2:
-        counters.messages_received_qos2 += 1
-        if packet.packet_id in session.inbound_qos2:
-            conn.send(Pubrec(packet.packet_id))  # a resend: acknowledge again, route once
-            return
-        if len(session.inbound_qos2) >= cfg.max_inflight:
-            raise ReceiveMaximumExceeded(f"more than {cfg.max_inflight} QoS 2 messages unreleased")  # [MQTT-3.3.4-8]
+    if qos == 0:
+        counters.messages_received_qos0 += 1
     elif qos == 1:
         counters.messages_received_qos1 += 1
     else:
-        counters.messages_received_qos0 += 1
+        counters.messages_received_qos2 += 1
+        if packet.packet_id in session.inbound_qos2:
+            # a resend: acknowledge again, route once
+            conn.send(Pubrec(packet.packet_id))
+            return
+        if len(session.inbound_qos2) >= core.config.max_inflight:
+            raise ReceiveMaximumExceeded(
+                f"more than {core.config.max_inflight} QoS 2 messages unreleased [MQTT-3.3.4-8]"
+            )
 
-    if v5 and props is not NO_PROPERTIES:
+    if props is NO_PROPERTIES:
+        message = Message(topic, packet.payload, qos, packet.retain, NO_PROPERTIES, conn.client_id)
+    else:
         if props.payload_format_indicator == 1 and not is_utf8(packet.payload):
             if qos:
                 ack = Puback if qos == 1 else Pubrec
@@ -97,24 +87,50 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Packet, now
         expiry = props.message_expiry_interval_s
         if props.topic_alias is not None:
             props = replace(props, topic_alias=None)
-        message = Message(topic, packet.payload, qos, packet.retain, props, conn.client_id,
-                          None if expiry is None else now + expiry)
-    else:
-        message = Message(topic, packet.payload, qos, packet.retain, NO_PROPERTIES, conn.client_id)
+        message = Message(
+            topic, packet.payload, qos, packet.retain, props, conn.client_id,
+            None if expiry is None else now + expiry,
+        )
 
-    if packet.retain:
+    if message.retain:
         core.retain(message)
     delivered = core.publish(message, now)
     core.mesh.forward(message)
-    if qos == 1:
-        conn.send(Puback(packet.packet_id, Reason.SUCCESS if delivered or not v5 else NO_SUBSCRIBERS))
-    elif qos == 2:
-        session.inbound_qos2.add(packet.packet_id)
-        conn.send(Pubrec(packet.packet_id, Reason.SUCCESS if delivered or not v5 else NO_SUBSCRIBERS))
+    if qos:
+        reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
+        if qos == 1:
+            conn.send(Puback(packet.packet_id, reason))
+        else:
+            session.inbound_qos2.add(packet.packet_id)
+            conn.send(Pubrec(packet.packet_id, reason))
 
 
-def handle_pubrel(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Pubrel)
+def _apply_properties(core: BrokerCore, conn: ServerConnection, packet: Publish, topic: str, props: Properties) -> str:
+    """Resolve a topic alias [MQTT-3.3.2-8..12] and refuse what a client may not send."""
+    alias = props.topic_alias
+    if alias is not None:
+        if alias == 0 or alias > core.config.max_topic_alias:
+            raise TopicAliasInvalid(f"topic alias {alias} outside 1..{core.config.max_topic_alias} [MQTT-3.3.2-9]")
+        if topic:
+            conn.alias_in[alias] = topic
+        else:
+            found = conn.alias_in.get(alias)
+            if found is None:
+                raise ProtocolError(f"topic alias {alias} used before it was set")
+            topic = found
+    if props.subscription_identifiers:
+        raise ProtocolError("PUBLISH from a client carries a subscription identifier [MQTT-3.3.4-6]")
+    return topic
+
+
+def _refuse_limits(core: BrokerCore, packet: Publish) -> None:
+    cfg = core.config
+    if packet.qos > cfg.maximum_qos:
+        raise MQTTError(f"QoS {packet.qos} above maximum QoS {cfg.maximum_qos} [MQTT-3.2.2-11]", Reason.QOS_NOT_SUPPORTED)
+    raise MQTTError("retain not available [MQTT-3.2.2-14]", Reason.RETAIN_NOT_SUPPORTED)
+
+
+def handle_pubrel(core: BrokerCore, conn: ServerConnection, packet: Pubrel, now: float) -> None:
     session = conn.session
     assert session is not None
     if packet.packet_id in session.inbound_qos2:
@@ -124,8 +140,7 @@ def handle_pubrel(core: BrokerCore, conn: ServerConnection, packet: Packet, now:
         conn.send(Pubcomp(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
 
 
-def handle_puback(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Puback)
+def handle_puback(core: BrokerCore, conn: ServerConnection, packet: Puback, now: float) -> None:
     session = conn.session
     assert session is not None
     item = session.inflight.get(packet.packet_id)
@@ -135,8 +150,7 @@ def handle_puback(core: BrokerCore, conn: ServerConnection, packet: Packet, now:
             core.pump(session, now)
 
 
-def handle_pubrec(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Pubrec)
+def handle_pubrec(core: BrokerCore, conn: ServerConnection, packet: Pubrec, now: float) -> None:
     session = conn.session
     assert session is not None
     item = session.inflight.get(packet.packet_id)
@@ -152,8 +166,7 @@ def handle_pubrec(core: BrokerCore, conn: ServerConnection, packet: Packet, now:
     conn.send(Pubrel(packet.packet_id))
 
 
-def handle_pubcomp(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Pubcomp)
+def handle_pubcomp(core: BrokerCore, conn: ServerConnection, packet: Pubcomp, now: float) -> None:
     session = conn.session
     assert session is not None
     item = session.inflight.get(packet.packet_id)

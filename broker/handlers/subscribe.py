@@ -25,8 +25,7 @@ if TYPE_CHECKING:
 V5 = ProtocolVersion.V5
 
 
-def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Subscribe)
+def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe, now: float) -> None:
     session = conn.session
     assert session is not None
     cfg = core.config
@@ -75,8 +74,7 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Packet, n
             core.deliver(session, message, qos, True, entry.subscription_ids, now)
 
 
-def handle_unsubscribe(core: BrokerCore, conn: ServerConnection, packet: Packet, now: float) -> None:
-    assert isinstance(packet, Unsubscribe)
+def handle_unsubscribe(core: BrokerCore, conn: ServerConnection, packet: Unsubscribe, now: float) -> None:
     session = conn.session
     assert session is not None
     codes: list[int] = []

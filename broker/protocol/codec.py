@@ -84,7 +84,8 @@ class Decoder:
 
         Raises an MQTTError subclass on the first bad packet; after that the decoder must not
         be used again (it raises MalformedPacket if it is). Packets decoded before the bad one in
-        the same call are lost with the connection.
+        the same call travel on the exception as `packets_before`, so the caller can still act on
+        them (a valid PUBLISH followed by garbage in one read is still delivered).
         """
         if self._failed:
             raise MalformedPacket("decoder used after a decoding error")
@@ -100,16 +101,17 @@ class Decoder:
             self._have = self._need = 0
         else:
             buf = data
+        out: list[Packet] = []
         try:
-            return self._decode(buf)
-        except MQTTError:
+            return self._decode(buf, out)
+        except MQTTError as exc:
+            exc.packets_before = out
             self._failed = True
             self._chunks = []
             self._have = self._need = 0
             raise
 
-    def _decode(self, buf: bytes) -> list[Packet]:
-        out: list[Packet] = []
+    def _decode(self, buf: bytes, out: list[Packet]) -> list[Packet]:
         append = out.append
         decoders = _decoders_for(self.version)
         max_bytes = self.max_packet_bytes

@@ -177,36 +177,29 @@ class ServerConnection:
         The encoding is cached on the message by its shape (version, QoS>0, retain, subscription
         ids, remaining expiry), so fan-out encodes once; the packet id is spliced in per client.
         """
-        v5 = self.version is V5
-        alias = 0
-        topic = message.topic
-        if v5 and self.client_topic_alias_maximum:
-            alias = self.alias_out.get(topic, 0)
-            if alias:
-                topic = ""  # the alias stands for the topic [MQTT-3.3.2-12]
-            elif len(self.alias_out) < self.client_topic_alias_maximum:
-                alias = len(self.alias_out) + 1
-                self.alias_out[topic] = alias
-        expiry = message.remaining_expiry_s(now) if message.expires_at is not None else None
-        key = (v5, qos > 0, retain, dup, subscription_ids, expiry, alias, topic == "")
-        cache = message.encoded
-        if cache is None:
-            cache = message.encoded = {}
-        parts = cache.get(key)
-        if parts is None:
-            block: bytes | None = None
-            if v5:
-                props = message.properties
-                if subscription_ids or props.subscription_identifiers or props.topic_alias is not None or expiry is not None or alias:
-                    props = replace(
-                        props,
-                        subscription_identifiers=subscription_ids,
-                        topic_alias=alias or None,
-                        message_expiry_interval_s=expiry,
-                    )
-                block = encode_properties(props)
-            parts = encode_publish_split(topic, message.payload, qos, retain, dup, block)
-            cache[key] = parts
+        if self.version is not V5:
+            # 3.1.1: no properties, no aliases; the shape is QoS, retain and dup.
+            key: object = (qos, retain, dup)
+            topic = message.topic
+            alias = 0
+        else:
+            key, topic, alias = self._v5_shape(message, qos, retain, dup, subscription_ids, now)
+        if message.encoded_key == key:
+            parts = message.encoded_parts
+        else:
+            cache = message.encoded
+            found = None if cache is None else cache.get(key)
+            if found is None:
+                parts = self._encode_publish(message, topic, alias, qos, retain, dup, subscription_ids, now)
+                if message.encoded_key is None:
+                    message.encoded_key = key
+                    message.encoded_parts = parts
+                else:
+                    if cache is None:
+                        cache = message.encoded = {}
+                    cache[key] = parts
+            else:
+                parts = found
         head, tail = parts
         size = len(head) + len(tail) + (2 if qos else 0)
         if size > self.client_max_packet_bytes:
@@ -217,6 +210,47 @@ class ServerConnection:
         if qos:
             return head + packet_id.to_bytes(2, "big") + tail
         return head + tail
+
+    def _v5_shape(
+        self, message: Message, qos: int, retain: bool, dup: bool, subscription_ids: tuple[int, ...], now: float
+    ) -> tuple[object, str, int]:
+        """The cache key of a 5.0 delivery, the topic to send and the outbound alias (0: none)."""
+        alias = 0
+        topic = message.topic
+        if self.client_topic_alias_maximum:
+            alias = self.alias_out.get(topic, 0)
+            if alias:
+                topic = ""  # the alias stands for the topic [MQTT-3.3.2-12]
+            elif len(self.alias_out) < self.client_topic_alias_maximum:
+                alias = len(self.alias_out) + 1
+                self.alias_out[topic] = alias
+        expiry = message.remaining_expiry_s(now) if message.expires_at is not None else None
+        return ("v5", qos, retain, dup, subscription_ids, expiry, alias, topic), topic, alias
+
+    def _encode_publish(
+        self,
+        message: Message,
+        topic: str,
+        alias: int,
+        qos: int,
+        retain: bool,
+        dup: bool,
+        subscription_ids: tuple[int, ...],
+        now: float,
+    ) -> tuple[bytes, bytes]:
+        block: bytes | None = None
+        if self.version is V5:
+            props = message.properties
+            expiry = message.remaining_expiry_s(now) if message.expires_at is not None else None
+            if subscription_ids or props.subscription_identifiers or alias or expiry is not None:
+                props = replace(
+                    props,
+                    subscription_identifiers=subscription_ids,
+                    topic_alias=alias or None,
+                    message_expiry_interval_s=expiry,
+                )
+            block = encode_properties(props)
+        return encode_publish_split(topic, message.payload, qos, retain, dup, block)
 
     def __repr__(self) -> str:
         return f"ServerConnection({self.client_id!r} from {self.peer}, {self.state.name})"

@@ -14,6 +14,8 @@ class MQTTError(Exception):
     """A protocol violation by the peer; `reason_code` is what a 5.0 DISCONNECT carries."""
 
     reason_code: int = Reason.UNSPECIFIED_ERROR
+    # Set by the decoder: the good packets that came before the bad one in the same read.
+    packets_before: list[object] = []  # noqa: RUF012 - replaced per instance, never mutated
 
     def __init__(self, message: str, reason_code: int | None = None) -> None:
         super().__init__(message)

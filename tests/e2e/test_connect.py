@@ -8,6 +8,7 @@ paho refuses to send.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ def make(broker: BrokerProcess) -> Iterator[ClientFactory]:
         yield factory
 
 
-def persistent(version: int) -> dict[str, object]:
+def persistent(version: int) -> dict[str, Any]:
     """Connect options for a session that outlives the connection, in either version."""
     return {"clean_start": False, "session_expiry_s": 60 if version == 5 else None}
 

@@ -67,7 +67,8 @@ def test_qos_is_min_of_publish_and_subscription(make: ClientFactory, version: in
 
 
 def test_raw_publisher_qos1_gets_puback(broker: BrokerProcess, version: int) -> None:
-    """[MQTT-4.3.2-2] (3.1.1 numbering) QoS 1: the receiver answers PUBLISH with PUBACK carrying its packet id."""
+    """[MQTT-4.3.2-2] (3.1.1 numbering) QoS 1: the receiver answers PUBLISH with PUBACK
+    carrying its packet id."""
     with raw_connect(broker, connect_packet("rp1", version=version)) as sock:
         assert read_packet(sock).type == CONNACK
         sock.sendall(publish_packet("t/raw", b"one", qos=1, packet_id=0x1234, version=version))
@@ -76,7 +77,8 @@ def test_raw_publisher_qos1_gets_puback(broker: BrokerProcess, version: int) -> 
 
 
 def test_raw_publisher_qos2_flow(broker: BrokerProcess, version: int) -> None:
-    """[MQTT-4.3.3-2] (3.1.1 numbering) QoS 2: PUBLISH -> PUBREC, PUBREL -> PUBCOMP, same packet id throughout."""
+    """[MQTT-4.3.3-2] (3.1.1 numbering) QoS 2: PUBLISH -> PUBREC, PUBREL -> PUBCOMP, same
+    packet id throughout."""
     with raw_connect(broker, connect_packet("rp2", version=version)) as sock:
         assert read_packet(sock).type == CONNACK
         sock.sendall(publish_packet("t/raw", b"two", qos=2, packet_id=77, version=version))

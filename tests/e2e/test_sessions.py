@@ -12,6 +12,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ def make(broker: BrokerProcess) -> Iterator[ClientFactory]:
         yield factory
 
 
-def persistent(version: int, expiry_s: int = 60) -> dict[str, object]:
+def persistent(version: int, expiry_s: int = 60) -> dict[str, Any]:
     """Connect options for a session that outlives the connection, in either version."""
     return {"clean_start": False, "session_expiry_s": expiry_s if version == 5 else None}
 

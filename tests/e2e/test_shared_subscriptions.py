@@ -11,6 +11,7 @@ sleeps except where silence is the assertion.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 
@@ -24,8 +25,9 @@ from tests.e2e.rawclient import connected, show
 pytestmark = pytest.mark.timeout(30)
 
 
-def _members(broker: BrokerProcess, n: int, share: str, versions: tuple[int, ...] = (5,),
-             qos: int = 1) -> list[TestClient]:
+def _members(
+    broker: BrokerProcess, n: int, share: str, versions: tuple[int, ...] = (5,), qos: int = 1
+) -> list[TestClient]:
     members = []
     for i in range(n):
         c = TestClient(broker, f"member-{share.replace('/', '-')}-{i}", version=versions[i % len(versions)])
@@ -35,17 +37,16 @@ def _members(broker: BrokerProcess, n: int, share: str, versions: tuple[int, ...
     return members
 
 
-def _collect(clients: list[TestClient], total: int, timeout_s: float = 5.0,
-             quiet_s: float = 0.3) -> list[list[Message]]:
+def _collect(
+    clients: list[TestClient], total: int, timeout_s: float = 5.0, quiet_s: float = 0.3
+) -> list[list[Message]]:
     """Per client, what it received until `total` messages came in all, then `quiet_s` more."""
     got: list[list[Message]] = [[] for _ in clients]
     deadline = time.monotonic() + timeout_s
     while sum(map(len, got)) < total and time.monotonic() < deadline:
         for i, c in enumerate(clients):
-            try:
+            with contextlib.suppress(queue.Empty):
                 got[i].append(c.messages.get(timeout=0.01))
-            except queue.Empty:
-                pass
     for i, c in enumerate(clients):
         while True:
             try:
@@ -181,13 +182,16 @@ def test_connack_does_not_deny_shared_subscriptions(broker: BrokerProcess) -> No
 _MOSQUITTO_GRANTS = pytest.mark.meshmq_only
 
 
-@pytest.mark.parametrize("bad", [
-    pytest.param("$share/g", marks=_MOSQUITTO_GRANTS),
-    pytest.param("$share/g/", marks=_MOSQUITTO_GRANTS),
-    pytest.param("$share//t", marks=_MOSQUITTO_GRANTS),
-    "$share/g+/t",
-    "$share/g#/t",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param("$share/g", marks=_MOSQUITTO_GRANTS),
+        pytest.param("$share/g/", marks=_MOSQUITTO_GRANTS),
+        pytest.param("$share//t", marks=_MOSQUITTO_GRANTS),
+        "$share/g+/t",
+        "$share/g#/t",
+    ],
+)
 def test_invalid_share_name_rejected(broker: BrokerProcess, bad: str) -> None:
     """A share name must be non-empty without '/', '+', '#', and be followed by '/' and a
     filter [MQTT-4.8.2-1] [MQTT-4.8.2-2]: SUBACK 0x8F (Topic Filter invalid) or a

@@ -17,11 +17,14 @@ import pytest
 
 from broker.protocol.packets import (
     Properties,
+    Puback,
     Pubcomp,
     Publish,
+    Pubrec,
     Pubrel,
     Subscribe,
     Subscription,
+    Unsuback,
 )
 from tests.e2e.broker_proc import BrokerProcess
 from tests.e2e.clients import TestClient, prop
@@ -113,15 +116,24 @@ def test_request_response_round_trip(broker: BrokerProcess) -> None:
         req.subscribe("rr/responses/requester", qos=1)
         resp.subscribe("rr/requests", qos=1)
         for i in range(3):
-            req.publish("rr/requests", f"q{i}", qos=1, properties={
-                "ResponseTopic": "rr/responses/requester", "CorrelationData": f"id-{i}".encode()})
+            req.publish(
+                "rr/requests",
+                f"q{i}",
+                qos=1,
+                properties={"ResponseTopic": "rr/responses/requester", "CorrelationData": f"id-{i}".encode()},
+            )
         for _ in range(3):
             q = resp.expect_one()
-            resp.publish(prop(q, "ResponseTopic"), b"answer-" + q.payload, qos=1,
-                         properties={"CorrelationData": prop(q, "CorrelationData")})
+            resp.publish(
+                prop(q, "ResponseTopic"),
+                b"answer-" + q.payload,
+                qos=1,
+                properties={"CorrelationData": prop(q, "CorrelationData")},
+            )
         answers = req.expect(3)
         assert [(a.payload, prop(a, "CorrelationData")) for a in answers] == [
-            (f"answer-q{i}".encode(), f"id-{i}".encode()) for i in range(3)]
+            (f"answer-q{i}".encode(), f"id-{i}".encode()) for i in range(3)
+        ]
 
 
 def test_request_problem_information_0_no_reason_strings(broker: BrokerProcess) -> None:
@@ -129,12 +141,12 @@ def test_request_problem_information_0_no_reason_strings(broker: BrokerProcess) 
     on anything but PUBLISH, CONNACK and DISCONNECT [MQTT-3.1.2-29]; provoke acks that
     commonly carry one (no subscribers, no such subscription, unknown packet id)."""
     with connected(broker, "rpi0", properties=Properties(request_problem_information=0)) as c:
-        acks = [c.publish("rpi/nobody", b"x", qos=1), c.publish("rpi/nobody", b"x", qos=2)]
+        acks: list[object] = [c.publish("rpi/nobody", b"x", qos=1), c.publish("rpi/nobody", b"x", qos=2)]
         acks.append(c.unsubscribe("rpi/never/subscribed"))
         c.send(Pubrel(4242))  # no such QoS 2 flow: PUBCOMP 0x92 in v5
         acks.append(c.expect(Pubcomp))
         for ack in acks:
-            assert ack is not None
+            assert isinstance(ack, Puback | Pubrec | Pubcomp | Unsuback), ack
             assert ack.properties.reason_string is None, ack
             assert ack.properties.user_properties == (), ack
 
@@ -211,8 +223,11 @@ def test_no_local_on_shared_subscription_is_protocol_error(broker: BrokerProcess
 def test_retain_as_published(broker: BrokerProcess) -> None:
     """Retain As Published 1 keeps the RETAIN flag on forwarded messages; 0 clears it
     [MQTT-3.3.1-12] [MQTT-3.3.1-13]."""
-    with connected(broker, "rap1") as rap, connected(broker, "rap0") as plain, \
-            connected(broker, "rap-pub") as pub:
+    with (
+        connected(broker, "rap1") as rap,
+        connected(broker, "rap0") as plain,
+        connected(broker, "rap-pub") as pub,
+    ):
         rap.subscribe(Subscription("rap/t", 1, retain_as_published=True))
         plain.subscribe(Subscription("rap/t", 1))
         pub.publish("rap/t", b"r", qos=1, retain=True)
@@ -222,7 +237,9 @@ def test_retain_as_published(broker: BrokerProcess) -> None:
         pub.publish("rap/t", b"", qos=1, retain=True)  # clean up the retained message
 
 
-@pytest.mark.parametrize(("handling", "first", "again"), [(0, True, True), (1, True, False), (2, False, False)])
+@pytest.mark.parametrize(
+    ("handling", "first", "again"), [(0, True, True), (1, True, False), (2, False, False)]
+)
 def test_retain_handling(broker: BrokerProcess, handling: int, first: bool, again: bool) -> None:
     """Retain Handling 0 sends retained messages on every subscribe [MQTT-3.3.1-9], 1 only
     when the subscription did not exist [MQTT-3.3.1-10], 2 never [MQTT-3.3.1-11]."""

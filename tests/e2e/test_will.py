@@ -16,8 +16,10 @@ import pytest
 from tests.e2e.broker_proc import BROKER_KIND, BrokerProcess
 from tests.e2e.clients import (
     CONNACK,
+    DISCONNECT,
     ClientFactory,
     connect_packet,
+    publish_packet,
     raw_connect,
     read_packet,
     read_until_closed,
@@ -76,20 +78,35 @@ def test_v5_disconnect_with_will_message(make: ClientFactory) -> None:
 def test_will_on_protocol_error(broker: BrokerProcess, make: ClientFactory,
                                 version: int) -> None:
     """[MQTT-3.1.2-8] The will is published when the server closes the connection for a
-    protocol error (here a second CONNECT [MQTT-3.1.0-2])."""
+    protocol error (here a PUBLISH with both QoS bits set [MQTT-3.3.1-4])."""
     watcher = make("watch", version=version)
     watcher.subscribe("t/will/err", 1)
     packet = connect_packet("bad", version=version, will=("t/will/err", b"violated", 1, False))
     with raw_connect(broker, packet) as sock:
         assert read_packet(sock).type == CONNACK
+        sock.sendall(publish_packet("t/x", b"", qos=3, version=version))
+        after = read_until_closed(sock)
+    assert all(p.type == DISCONNECT for p in after), after  # v5 may say why (0x81)
+    assert watcher.expect_one().payload == b"violated"
+
+
+@pytest.mark.meshmq_only  # mosquitto 2.0.11 deviates: drops the will on a second CONNECT
+def test_will_on_second_connect(broker: BrokerProcess, make: ClientFactory,
+                                version: int) -> None:
+    """[MQTT-3.1.2-8] A second CONNECT [MQTT-3.1.0-2] is a protocol error: the will goes out."""
+    watcher = make("watch", version=version)
+    watcher.subscribe("t/will/twice", 1)
+    packet = connect_packet("bad", version=version, will=("t/will/twice", b"twice", 1, False))
+    with raw_connect(broker, packet) as sock:
+        assert read_packet(sock).type == CONNACK
         sock.sendall(connect_packet("bad", version=version))
         read_until_closed(sock)
-    assert watcher.expect_one().payload == b"violated"
+    assert watcher.expect_one().payload == b"twice"
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_will_qos(make: ClientFactory, version: int, qos: int) -> None:
-    """[MQTT-3.1.2-14] (3.1.1) The will is published at its Will QoS (subscriber QoS 2)."""
+    """The will is published at its Will QoS (3.1.2.6; the subscriber has QoS 2)."""
     watcher = make("watch", version=version)
     watcher.subscribe("t/will/qos", 2)
     make("dying", version=version, will=will("t/will/qos", qos=qos)).close_abruptly()
@@ -116,7 +133,7 @@ def test_v5_will_delay(make: ClientFactory) -> None:
     """[MQTT-3.1.3-9] v5: the will is published only after the Will Delay Interval."""
     watcher = make("watch", version=5)
     watcher.subscribe("t/will/delay", 1)
-    dying = make("dying", version=5, **{"clean_start": False, "session_expiry_s": 60},
+    dying = make("dying", version=5, clean_start=False, session_expiry_s=60,
                  will=will("t/will/delay", b"late", WillDelayInterval=1))
     closed_at = time.monotonic()
     dying.close_abruptly()

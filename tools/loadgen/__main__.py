@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mqtt-version", type=int, choices=(wire.MQTT_311, wire.MQTT_5), default=wire.MQTT_311
     )
     parser.add_argument("--idle-connections", type=int, default=5000)
+    parser.add_argument("--idle-procs", type=int, default=2)
+    parser.add_argument("--idle-concurrency", type=int, default=64)
     parser.add_argument("--publisher-procs", type=int, default=1)
     parser.add_argument("--subscriber-procs", type=int, default=1)
     return parser
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=args.warmup,
         version=args.mqtt_version,
         idle_connections=args.idle_connections,
+        idle_procs=args.idle_procs,
+        idle_concurrency=args.idle_concurrency,
         publisher_procs=args.publisher_procs,
         subscriber_procs=args.subscriber_procs,
     )
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{scenario}:")
         for metric in result.metrics:
             print(f"  {metric.name:<28} {format_metric(metric):>14} {metric.unit}")
+        for note in result.notes:
+            print(f"  note: {note}")
         for error in result.errors:
             print(f"  ERROR {error}")
         failed |= not result.ok

@@ -48,12 +48,13 @@ class Timing:
 class RunOutcome:
     results: tuple[tuple[WorkerSpec, WorkerResult], ...]
     errors: tuple[str, ...]  # workers that failed or did not answer; the run is then not valid
-    window_s: float  # the parent's measured window (its two CPU samples)
+    window_s: float  # between the parent's two CPU samples: the window, or Go to results if none
     broker_cpu_s: float | None  # over the window; None without a broker pid
     broker_rss_before_bytes: int | None  # before traffic starts
     broker_rss_after_bytes: int | None  # after results and settle_s, connections still open
     generator_cpu_s: float  # all worker processes, over the window
     generator_max_proc_cpu_s: float  # the busiest worker process, over the window
+    worker_cpu_s: tuple[tuple[str, float], ...] = ()  # (worker name, CPU s over the window)
 
     @property
     def ok(self) -> bool:
@@ -149,8 +150,9 @@ def run(stages: Sequence[Sequence[WorkerSpec]], timing: Timing, broker_pid: int 
         roots = [*broker_roots, *(w.process.pid for w in workers if w.process.pid is not None)]
         _sleep_until(go.warm_s)
         first, first_s = procstat.sample_forest(roots), time.monotonic()
-        _sleep_until(go.end_s)
-        last, last_s = procstat.sample_forest(roots), time.monotonic()
+        if timing.seconds > 0:
+            _sleep_until(go.end_s)
+            last, last_s = procstat.sample_forest(roots), time.monotonic()
 
         results: list[tuple[WorkerSpec, WorkerResult]] = []
         deadline_s = go.end_s + timing.drain_s + timing.quiet_s + timing.result_timeout_s
@@ -160,13 +162,16 @@ def run(stages: Sequence[Sequence[WorkerSpec]], timing: Timing, broker_pid: int 
                 results.append((worker.spec, message))
             else:
                 errors.append(_describe(worker, message, "its result"))
+        if timing.seconds <= 0:  # no window: the workers' own phase (connecting) is what we measure
+            last, last_s = procstat.sample_forest(roots), time.monotonic()
         time.sleep(timing.settle_s)
         rss_after = procstat.sample_trees(broker_roots).rss_bytes if broker_pid is not None else None
 
         def cpu(root: int) -> float:
             return procstat.cpu_s_between(first[root], last[root])
 
-        generator = [cpu(w.process.pid) for w in workers if w.process.pid is not None]
+        per_worker = tuple((w.spec.name, cpu(w.process.pid)) for w in workers if w.process.pid is not None)
+        generator = [cpu_s for _name, cpu_s in per_worker]
         return RunOutcome(
             results=tuple(results),
             errors=tuple(errors),
@@ -176,6 +181,7 @@ def run(stages: Sequence[Sequence[WorkerSpec]], timing: Timing, broker_pid: int 
             broker_rss_after_bytes=rss_after,
             generator_cpu_s=sum(generator),
             generator_max_proc_cpu_s=max(generator, default=0.0),
+            worker_cpu_s=per_worker,
         )
     finally:
         _finish(workers)

@@ -47,6 +47,7 @@ class Params:
     latency_rate_per_s: float = 1000.0
     idle_connections: int = 5000
     idle_keepalive_s: int = 600
+    idle_concurrency: int = 64  # connection attempts in flight per idle worker process
     publisher_procs: int = 1
     subscriber_procs: int = 1
     idle_procs: int = 2
@@ -66,6 +67,7 @@ class ScenarioResult:
     scenario: str
     metrics: tuple[Metric, ...]
     errors: tuple[str, ...]  # run errors (no metrics) and client errors (metrics may be partial)
+    notes: tuple[str, ...] = ()  # diagnostics: CPU of each generator process
 
     @property
     def ok(self) -> bool:
@@ -222,11 +224,18 @@ def _idle_metrics(outcome: runner.RunOutcome) -> list[Metric]:
         and connected
     ):
         rss_per_conn = (outcome.broker_rss_after_bytes - outcome.broker_rss_before_bytes) / connected / 1024
+    window_s = outcome.window_s or 1.0
+    cpu_us_per_conn = None
+    if outcome.broker_cpu_s is not None and connected:
+        cpu_us_per_conn = 1e6 * outcome.broker_cpu_s / connected
     return [
         Metric("connects/s", connected / span_s if span_s > 0 else None, "conn/s"),
         Metric("broker RSS per connection", rss_per_conn, "KiB", "lower"),
         Metric("connected", float(connected), "conns"),
         Metric("failed", float(failed), "conns", "lower"),
+        Metric("broker CPU µs/connect", cpu_us_per_conn, "µs", "lower"),
+        Metric("generator CPU", 100.0 * outcome.generator_cpu_s / window_s, "%", ""),
+        Metric("generator busiest proc CPU", 100.0 * outcome.generator_max_proc_cpu_s / window_s, "%", ""),
     ]
 
 
@@ -278,6 +287,7 @@ def stages_for(scenario: str, host: str, port: int, params: Params) -> list[list
                     idle_connections=share,
                     version=params.version,
                     keepalive_s=params.idle_keepalive_s,
+                    connect_concurrency=params.idle_concurrency,
                 )
                 for n, share in enumerate(shares)
                 if share
@@ -316,4 +326,6 @@ def run_scenario(
     else:
         metrics = _idle_metrics(outcome)
     client_errors = tuple(dict.fromkeys(e for _spec, r in outcome.results for e in r.errors))
-    return ScenarioResult(scenario, tuple(metrics), client_errors)
+    window_s = outcome.window_s or 1.0
+    notes = tuple(f"{name}: {100 * cpu_s / window_s:.0f}% CPU" for name, cpu_s in outcome.worker_cpu_s)
+    return ScenarioResult(scenario, tuple(metrics), client_errors, notes)

@@ -199,6 +199,25 @@ def count_publishes(buf: bytes, start: int, others: list[Control]) -> tuple[int,
     return count, i
 
 
+def count_uniform(buf: bytes, packet_bytes: int) -> int:
+    """How many whole packets at the start of `buf` are QoS 0 PUBLISHes of exactly `packet_bytes`.
+
+    The fast path of counting subscribers whose messages all have one size (one topic length,
+    one payload size): two strided slices check every fixed header at C speed, which is
+    exactly what `count_publishes` would visit one by one. Returns 0 when any header differs
+    (the caller then walks), so the answer is never a guess.
+    """
+    whole = len(buf) // packet_bytes
+    if whole == 0 or not 2 < packet_bytes < 130:  # one-byte Remaining Length only
+        return 0
+    span = whole * packet_bytes
+    if buf[0:span:packet_bytes].count(0x30) != whole:
+        return 0
+    if buf[1:span:packet_bytes].count(packet_bytes - 2) != whole:
+        return 0
+    return whole
+
+
 def count_pubacks(buf: bytes, start: int, others: list[Control]) -> tuple[int, int]:
     """Count PUBACK packets (any reason code): the publisher side of a QoS 1 window."""
     end = len(buf)

@@ -67,11 +67,19 @@ def decode(data: bytes, version: ProtocolVersion | None = V5, **kw: int) -> list
     return list(Decoder(version=version, **kw).feed(data))
 
 
-def rejects(data: bytes, error: type[MQTTError], reason: int, version: ProtocolVersion | None = V5) -> None:
+def rejects(
+    data: bytes,
+    error: type[MQTTError],
+    reason: int,
+    version: ProtocolVersion | None = V5,
+    match: str = "",
+) -> None:
+    """`data` fails with exactly `error` and `reason`, for the rule whose message has `match`."""
     with pytest.raises(MQTTError) as info:
         Decoder(version=version).feed(data)
     assert type(info.value) is error, info.value
     assert info.value.reason_code == reason
+    assert match in str(info.value), info.value
 
 
 MALFORMED, PROTOCOL = Reason.MALFORMED_PACKET, Reason.PROTOCOL_ERROR
@@ -149,9 +157,7 @@ def test_connect_v5_spec_example_variable_header() -> None:
 def test_connect_mqisdp_v31_with_will() -> None:
     body = s("MQIsdp") + b"\x03\x2e\x00\x0a" + s("c") + s("w/t") + s("bye")  # will qos 1, retain
     wire = frame(0x10, body)
-    packet = Connect(
-        "c", V31, True, 10, Will("w/t", b"bye", 1, True), protocol_name="MQIsdp"
-    )
+    packet = Connect("c", V31, True, 10, Will("w/t", b"bye", 1, True), protocol_name="MQIsdp")
     decoder = Decoder()
     assert decoder.feed(wire) == [packet]
     assert decoder.version == V31
@@ -277,24 +283,24 @@ def test_packet_type_0_is_malformed() -> None:
 )
 def test_reserved_fixed_header_flags_are_malformed(wire: bytes) -> None:
     """[MQTT-2.1.3-1]"""
-    rejects(wire, MalformedPacket, MALFORMED, V311)
-    rejects(wire, MalformedPacket, MALFORMED, V5)
+    rejects(wire, MalformedPacket, MALFORMED, V311, "[MQTT-2.1.3-1]")
+    rejects(wire, MalformedPacket, MALFORMED, V5, "[MQTT-2.1.3-1]")
 
 
 def test_connect_fixed_header_flags_are_malformed() -> None:
     """[MQTT-2.1.3-1]"""
     good = connect_v5()
-    rejects(bytes((0x11,)) + good[1:], MalformedPacket, MALFORMED, None)
+    rejects(bytes((0x11,)) + good[1:], MalformedPacket, MALFORMED, None, "[MQTT-2.1.3-1]")
 
 
 def test_remaining_length_longer_than_four_bytes_is_malformed() -> None:
     """[MQTT-1.5.5-1]"""
-    rejects(b"\x30\xff\xff\xff\xff\x01", MalformedPacket, MALFORMED)
+    rejects(b"\x30\xff\xff\xff\xff\x01", MalformedPacket, MALFORMED, V5, "four bytes")
 
 
 def test_remaining_length_not_minimal_is_malformed() -> None:
     """[MQTT-1.5.5-1]: the minimum number of bytes."""
-    rejects(b"\xc0\x80\x00", MalformedPacket, MALFORMED)
+    rejects(b"\xc0\x80\x00", MalformedPacket, MALFORMED, V5, "minimally")
 
 
 def test_packet_too_large_raised_from_the_header_alone() -> None:
@@ -336,8 +342,8 @@ def test_decoder_refuses_use_after_an_error() -> None:
 
 def test_packet_before_connect_is_protocol_error() -> None:
     """[MQTT-3.1.0-1]: the first packet from the client MUST be CONNECT."""
-    rejects(b"\xc0\x00", ProtocolError, PROTOCOL, version=None)
-    rejects(encode(Publish("t"), V311), ProtocolError, PROTOCOL, version=None)
+    rejects(b"\xc0\x00", ProtocolError, PROTOCOL, None, "[MQTT-3.1.0-1]")
+    rejects(encode(Publish("t"), V311), ProtocolError, PROTOCOL, None, "[MQTT-3.1.0-1]")
 
 
 def test_connect_and_following_v5_packets_in_one_feed() -> None:
@@ -362,20 +368,20 @@ def test_second_connect_does_not_change_version() -> None:
 
 def test_publish_qos3_is_malformed() -> None:
     """[MQTT-3.3.1-4]"""
-    rejects(b"\x36\x07\x00\x01t\x00\x01hi", MalformedPacket, MALFORMED, V311)
-    rejects(b"\x36\x07\x00\x01t\x00\x01\x00h", MalformedPacket, MALFORMED, V5)
+    rejects(b"\x36\x07\x00\x01t\x00\x01hi", MalformedPacket, MALFORMED, V311, "[MQTT-3.3.1-4]")
+    rejects(b"\x36\x07\x00\x01t\x00\x01\x00h", MalformedPacket, MALFORMED, V5, "[MQTT-3.3.1-4]")
 
 
 def test_publish_dup_with_qos0_is_malformed() -> None:
     """[MQTT-3.3.1-2]"""
-    rejects(b"\x38\x05\x00\x01thi", MalformedPacket, MALFORMED, V311)
-    rejects(b"\x38\x04\x00\x01t\x00", MalformedPacket, MALFORMED, V5)
+    rejects(b"\x38\x05\x00\x01thi", MalformedPacket, MALFORMED, V311, "[MQTT-3.3.1-2]")
+    rejects(b"\x38\x04\x00\x01t\x00", MalformedPacket, MALFORMED, V5, "[MQTT-3.3.1-2]")
 
 
 def test_publish_packet_id_zero_is_protocol_error() -> None:
     """[MQTT-2.2.1-3] (3.1.1: [MQTT-2.3.1-1])"""
-    rejects(b"\x32\x05\x00\x01t\x00\x00", ProtocolError, PROTOCOL, V311)
-    rejects(b"\x34\x06\x00\x01t\x00\x00\x00", ProtocolError, PROTOCOL, V5)
+    rejects(b"\x32\x05\x00\x01t\x00\x00", ProtocolError, PROTOCOL, V311, "[MQTT-2.2.1-3]")
+    rejects(b"\x34\x06\x00\x01t\x00\x00\x00", ProtocolError, PROTOCOL, V5, "[MQTT-2.2.1-3]")
 
 
 def test_publish_truncated_fields_are_malformed() -> None:
@@ -402,14 +408,14 @@ def test_publish_empty_payload() -> None:
 def test_ill_formed_utf8_is_malformed(bad: bytes) -> None:
     """[MQTT-1.5.4-1] (3.1.1: [MQTT-1.5.3-1])"""
     topic = len(bad).to_bytes(2, "big") + bad
-    rejects(frame(0x30, topic + b"\x00"), MalformedPacket, MALFORMED, V5)
-    rejects(frame(0xA2, b"\x00\x01" + topic), MalformedPacket, MALFORMED, V311)
+    rejects(frame(0x30, topic + b"\x00"), MalformedPacket, MALFORMED, V5, "[MQTT-1.5.4-1]")
+    rejects(frame(0xA2, b"\x00\x01" + topic), MalformedPacket, MALFORMED, V311, "[MQTT-1.5.4-1]")
 
 
 def test_null_character_is_malformed() -> None:
     """[MQTT-1.5.4-2] (3.1.1: [MQTT-1.5.3-2])"""
-    rejects(frame(0x30, s("a\x00b")), MalformedPacket, MALFORMED, V311)
-    rejects(connect_v5(payload=s("c\x00")), MalformedPacket, MALFORMED, None)
+    rejects(frame(0x30, s("a\x00b")), MalformedPacket, MALFORMED, V311, "[MQTT-1.5.4-2]")
+    rejects(connect_v5(payload=s("c\x00")), MalformedPacket, MALFORMED, None, "[MQTT-1.5.4-2]")
 
 
 # --------------------------------------------------------------------------- CONNECT
@@ -424,31 +430,31 @@ def test_connect_unknown_level_is_unsupported_version(name: str, level: int) -> 
     """[MQTT-3.1.2-2]"""
     # Only the name and level are sent: the level alone is enough to answer with CONNACK.
     wire = frame(0x10, s(name) + bytes((level,)))
-    rejects(wire, UnsupportedProtocolVersion, Reason.UNSUPPORTED_PROTOCOL_VERSION, None)
+    rejects(wire, UnsupportedProtocolVersion, Reason.UNSUPPORTED_PROTOCOL_VERSION, None, "[MQTT-3.1.2-2]")
 
 
 def test_connect_reserved_flag_is_malformed() -> None:
     """[MQTT-3.1.2-3]"""
-    rejects(connect_v5(flags=0x03), MalformedPacket, MALFORMED, None)
+    rejects(connect_v5(flags=0x03), MalformedPacket, MALFORMED, None, "[MQTT-3.1.2-3]")
 
 
 def test_connect_will_qos3_is_malformed() -> None:
     """[MQTT-3.1.2-12] (3.1.1: [MQTT-3.1.2-14])"""
-    rejects(connect_v5(flags=0x1E), MalformedPacket, MALFORMED, None)
+    rejects(connect_v5(flags=0x1E), MalformedPacket, MALFORMED, None, "will QoS 3")
 
 
 @pytest.mark.parametrize("flags", [0x0A, 0x12, 0x22])
 def test_connect_will_qos_or_retain_without_will_flag_is_malformed(flags: int) -> None:
     """[MQTT-3.1.2-11], [MQTT-3.1.2-13] (3.1.1: [MQTT-3.1.2-13], [MQTT-3.1.2-15])"""
-    rejects(connect_v5(flags=flags), MalformedPacket, MALFORMED, None)
+    rejects(connect_v5(flags=flags), MalformedPacket, MALFORMED, None, "without will flag")
     wire = frame(0x10, s("MQTT") + bytes((4, flags)) + b"\x00\x3c" + s("c"))
-    rejects(wire, MalformedPacket, MALFORMED, None)
+    rejects(wire, MalformedPacket, MALFORMED, None, "without will flag")
 
 
 def test_connect_v311_password_without_username_is_malformed() -> None:
     """[MQTT-3.1.2-22]"""
     wire = frame(0x10, s("MQTT") + b"\x04\x42\x00\x3c" + s("c") + s("pw"))
-    rejects(wire, MalformedPacket, MALFORMED, None)
+    rejects(wire, MalformedPacket, MALFORMED, None, "[MQTT-3.1.2-22]")
 
 
 def test_connect_v5_password_without_username_is_allowed() -> None:
@@ -459,7 +465,7 @@ def test_connect_v5_password_without_username_is_allowed() -> None:
 
 
 def test_connect_trailing_bytes_are_malformed() -> None:
-    rejects(connect_v5(payload=s("c") + b"\x00"), MalformedPacket, MALFORMED, None)
+    rejects(connect_v5(payload=s("c") + b"\x00"), MalformedPacket, MALFORMED, None, "trailing")
 
 
 def test_connect_missing_payload_fields_are_malformed() -> None:
@@ -481,7 +487,7 @@ def test_connect_will_properties_are_checked_against_the_will_set() -> None:
 
 def test_connack_reserved_flags_are_malformed() -> None:
     """[MQTT-3.2.2-1]"""
-    rejects(b"\x20\x02\x02\x00", MalformedPacket, MALFORMED, V311)
+    rejects(b"\x20\x02\x02\x00", MalformedPacket, MALFORMED, V311, "[MQTT-3.2.2-1]")
 
 
 def test_auth_is_reserved_in_v311() -> None:
@@ -493,8 +499,8 @@ def test_auth_is_reserved_in_v311() -> None:
 
 def test_subscribe_without_filters_is_protocol_error() -> None:
     """[MQTT-3.8.3-2] (3.1.1: [MQTT-3.8.3-3])"""
-    rejects(b"\x82\x02\x00\x01", ProtocolError, PROTOCOL, V311)
-    rejects(b"\x82\x03\x00\x01\x00", ProtocolError, PROTOCOL, V5)
+    rejects(b"\x82\x02\x00\x01", ProtocolError, PROTOCOL, V311, "[MQTT-3.8.3-2]")
+    rejects(b"\x82\x03\x00\x01\x00", ProtocolError, PROTOCOL, V5, "[MQTT-3.8.3-2]")
 
 
 def test_subscribe_reserved_option_bits_are_malformed() -> None:
@@ -525,8 +531,8 @@ def test_subscribe_filter_without_options_is_malformed() -> None:
 
 def test_unsubscribe_without_filters_is_protocol_error() -> None:
     """[MQTT-3.10.3-2]"""
-    rejects(b"\xa2\x02\x00\x01", ProtocolError, PROTOCOL, V311)
-    rejects(b"\xa2\x03\x00\x01\x00", ProtocolError, PROTOCOL, V5)
+    rejects(b"\xa2\x02\x00\x01", ProtocolError, PROTOCOL, V311, "[MQTT-3.10.3-2]")
+    rejects(b"\xa2\x03\x00\x01\x00", ProtocolError, PROTOCOL, V5, "[MQTT-3.10.3-2]")
 
 
 # --------------------------------------------------------------------------- properties
@@ -537,8 +543,8 @@ def publish_with(props_body: bytes) -> bytes:
 
 
 def test_unknown_property_is_malformed() -> None:
-    rejects(publish_with(b"\x04\x00"), MalformedPacket, MALFORMED)
-    rejects(publish_with(b"\x80\x01\x00"), MalformedPacket, MALFORMED)
+    rejects(publish_with(b"\x04\x00"), MalformedPacket, MALFORMED, V5, "unknown property")
+    rejects(publish_with(b"\x80\x01\x00"), MalformedPacket, MALFORMED, V5, "unknown property")
 
 
 def test_property_not_valid_for_packet_is_malformed() -> None:
@@ -548,7 +554,7 @@ def test_property_not_valid_for_packet_is_malformed() -> None:
 
 
 def test_repeated_property_is_protocol_error() -> None:
-    rejects(publish_with(b"\x03" + s("a") + b"\x03" + s("b")), ProtocolError, PROTOCOL)
+    rejects(publish_with(b"\x03" + s("a") + b"\x03" + s("b")), ProtocolError, PROTOCOL, V5, "more than once")
 
 
 def test_user_properties_and_publish_subscription_ids_repeat() -> None:

@@ -62,9 +62,7 @@ RUN = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 
 # --------------------------------------------------------------------------- strategies
 
-texts = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12
-)
+texts = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
 blobs = st.binary(max_size=24)
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -106,17 +104,13 @@ _SCALARS: dict[str, tuple[int, st.SearchStrategy[Any]]] = {
 def properties_for(allowed: PropertySet) -> st.SearchStrategy[Properties]:
     """Properties that `allowed`'s packet may carry, each present or absent."""
     fields: dict[str, st.SearchStrategy[Any]] = {
-        name: st.none() | strategy
-        for name, (pid, strategy) in _SCALARS.items()
-        if allowed.allows(pid)
+        name: st.none() | strategy for name, (pid, strategy) in _SCALARS.items() if allowed.allows(pid)
     }
     if allowed.allows(0x26):
         fields["user_properties"] = st.lists(st.tuples(texts, texts), max_size=3).map(tuple)
     if allowed.allows(0x0B):
         most = 3 if allowed.subscription_id_repeats else 1
-        fields["subscription_identifiers"] = st.lists(
-            st.integers(1, VARINT_MAX), max_size=most
-        ).map(tuple)
+        fields["subscription_identifiers"] = st.lists(st.integers(1, VARINT_MAX), max_size=most).map(tuple)
 
     def build(values: dict[str, Any]) -> Properties:
         return Properties(**{k: v for k, v in values.items() if v is not None})
@@ -297,7 +291,9 @@ def test_publish_fed_one_byte_at_a_time(case: tuple[ProtocolVersion, Publish]) -
 @given(publishes(), st.sampled_from([V311, V5]))
 def test_publish_split_matches_encode(packet: Publish, version: ProtocolVersion) -> None:
     block = encode_properties(packet.properties) if version == V5 else None
-    head, tail = encode_publish_split(packet.topic, packet.payload, packet.qos, packet.retain, packet.dup, block)
+    head, tail = encode_publish_split(
+        packet.topic, packet.payload, packet.qos, packet.retain, packet.dup, block
+    )
     pid = packet.packet_id.to_bytes(2, "big") if packet.qos else b""
     assert head + pid + tail == encode(packet, version)
 
