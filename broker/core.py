@@ -19,9 +19,8 @@ Invariants:
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
 import logging
-from collections.abc import Callable
+from dataclasses import replace
 
 from broker.config import MqttConfig
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
@@ -30,12 +29,12 @@ from broker.metrics import Counters
 from broker.ports import ClientIdSource, MemorySessionStore, MeshPort, NoMesh, SessionStore, random_client_id
 from broker.protocol.connection import ConnectionState, Link, ServerConnection
 from broker.protocol.errors import MQTTError, UnsupportedProtocolVersion
-from broker.protocol.packets import Packet, Pubrel, Will
+from broker.protocol.packets import Pubrel, Will
 from broker.protocol.reasons import Reason
 from broker.routing.retained import RetainedTree
 from broker.routing.shared import SharedChoice
 from broker.routing.topic_tree import TopicTree
-from broker.session import NEVER_EXPIRES_S, OutState, Outgoing, Session, SubEntry
+from broker.session import NEVER_EXPIRES_S, Outgoing, OutState, Session, SubEntry
 
 log = logging.getLogger("broker.core")
 
@@ -124,8 +123,11 @@ class BrokerCore:
         reason = Reason(exc.reason_code) if exc.reason_code in Reason._value2member_map_ else exc.reason_code
         log.warning(
             "client %r from %s: closing, reason 0x%02X %s: %s",
-            conn.client_id or "-", conn.peer, int(exc.reason_code),
-            getattr(reason, "name", "?"), exc,
+            conn.client_id or "-",
+            conn.peer,
+            int(exc.reason_code),
+            getattr(reason, "name", "?"),
+            exc,
         )
         conn.close(f"protocol error: {exc}", exc.reason_code)
 
@@ -138,12 +140,19 @@ class BrokerCore:
         self.connections.discard(conn)
         pending = conn.decoder.buffered_bytes
         if not was_connected:
-            log.info("connection from %s closed before CONNECT%s", conn.peer,
-                     f" (with {pending} bytes of an incomplete packet)" if pending else "")
+            log.info(
+                "connection from %s closed before CONNECT%s",
+                conn.peer,
+                f" (with {pending} bytes of an incomplete packet)" if pending else "",
+            )
         else:
-            log.info("client %r from %s disconnected: %s%s", conn.client_id, conn.peer,
-                     conn.close_reason or "connection lost",
-                     f" (with {pending} bytes of an incomplete packet)" if pending else "")
+            log.info(
+                "client %r from %s disconnected: %s%s",
+                conn.client_id,
+                conn.peer,
+                conn.close_reason or "connection lost",
+                f" (with {pending} bytes of an incomplete packet)" if pending else "",
+            )
         session = conn.session
         if not was_connected or session is None or session.connection is not conn:
             return  # never connected, or taken over: the new owner has the session
@@ -229,7 +238,12 @@ class BrokerCore:
             props = replace(props, will_delay_interval_s=None)  # a will property, not a PUBLISH one
         expiry = props.message_expiry_interval_s
         return Message(
-            will.topic, will.payload, will.qos, will.retain, props, client_id,
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            props,
+            client_id,
             None if expiry is None else now + expiry,
         )
 
@@ -256,7 +270,9 @@ class BrokerCore:
                 continue
             if conn.state is ConnectionState.AWAITING_CONNECT:
                 if now - conn.connected_at > connect_timeout:
-                    log.info("connection from %s: no CONNECT within %.1fs, closing", conn.peer, connect_timeout)
+                    log.info(
+                        "connection from %s: no CONNECT within %.1fs, closing", conn.peer, connect_timeout
+                    )
                     conn.close("connect timeout")
             elif conn.keepalive_s and now - conn.last_rx > conn.keepalive_s * 1.5:
                 # [MQTT-3.1.2-24]
@@ -328,8 +344,12 @@ class BrokerCore:
                 if entry.no_local and client_id == origin:
                     continue  # [MQTT-3.8.3-3]
                 deliver(
-                    session, message, entry.qos if entry.qos < qos else qos,
-                    message.retain and entry.retain_as_published, entry.subscription_ids, now,
+                    session,
+                    message,
+                    entry.qos if entry.qos < qos else qos,
+                    message.retain and entry.retain_as_published,
+                    entry.subscription_ids,
+                    now,
                 )
             else:
                 # Overlapping subscriptions: one copy with the highest QoS and every
@@ -349,8 +369,12 @@ class BrokerCore:
             if chosen is None:
                 continue
             deliver(
-                sessions[chosen.client_id], message, chosen.qos if chosen.qos < qos else qos,
-                message.retain and chosen.retain_as_published, chosen.subscription_ids, now,
+                sessions[chosen.client_id],
+                message,
+                chosen.qos if chosen.qos < qos else qos,
+                message.retain and chosen.retain_as_published,
+                chosen.subscription_ids,
+                now,
             )
             count += 1
         if not count:
@@ -390,7 +414,9 @@ class BrokerCore:
             if session.dropped_messages == 1 or session.dropped_messages % 1000 == 0:
                 log.warning(
                     "session %r: queue full (%d), %d message(s) dropped so far",
-                    session.client_id, self.config.max_queued_messages, session.dropped_messages,
+                    session.client_id,
+                    self.config.max_queued_messages,
+                    session.dropped_messages,
                 )
 
     def send_window(self, conn: ServerConnection) -> int:
@@ -437,7 +463,9 @@ class BrokerCore:
                 del session.inflight[pid]
                 self.counters.messages_dropped_expired += 1
                 continue
-            data = conn.publish_bytes(item.message, item.qos, item.retain, item.subscription_ids, pid, True, now)
+            data = conn.publish_bytes(
+                item.message, item.qos, item.retain, item.subscription_ids, pid, True, now
+            )
             if data is None:
                 del session.inflight[pid]
                 self.counters.messages_dropped_too_large += 1
@@ -459,7 +487,10 @@ class BrokerCore:
             if self.retained.discard(message.topic):
                 self.store.retained_changed(message.topic, None)
             return
-        if self.retained.get(message.topic) is None and len(self.retained) >= self.config.max_retained_messages:
+        if (
+            self.retained.get(message.topic) is None
+            and len(self.retained) >= self.config.max_retained_messages
+        ):
             log.warning("retained store full (%d), not retaining %r", len(self.retained), message.topic)
             return
         self.retained.set(message.topic, message)

@@ -23,8 +23,10 @@ log = logging.getLogger("broker.supervisor")
 
 def run_node(config: Config) -> int:
     if config.worker_count > 1:
-        log.warning("Workers: %d requested; this version runs one worker (multi-worker nodes come next)",
-                    config.worker_count)
+        log.warning(
+            "Workers: %d requested; this version runs one worker (multi-worker nodes come next)",
+            config.worker_count,
+        )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works

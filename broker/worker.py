@@ -30,6 +30,7 @@ class Worker:
         self.core = BrokerCore(config.mqtt)
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
+        self._ticker_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -45,7 +46,7 @@ class Worker:
             )
             self.servers.append(server)
             log.info("worker %d: MQTT on %s:%d", self.worker_id, cfg.listen_address, cfg.tcp_port)
-        loop.create_task(self._ticker(), name="tick")
+        self._ticker_task = loop.create_task(self._ticker(), name="tick")
 
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()

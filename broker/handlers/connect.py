@@ -17,7 +17,7 @@ from broker.handlers.common import is_utf8, refuse_connect
 from broker.protocol.codec import MAX_PACKET_BYTES
 from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError
-from broker.protocol.packets import Connack, Connect, Packet, Properties, ProtocolVersion
+from broker.protocol.packets import Connack, Connect, Properties, ProtocolVersion
 from broker.protocol.reasons import Reason
 from broker.protocol.topics import validate_topic_name
 from broker.session import NEVER_EXPIRES_S, Session
@@ -41,7 +41,9 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
 
     if core.connected_count >= cfg.max_connections:
         core.counters.connections_refused += 1
-        refuse_connect(conn, Reason.QUOTA_EXCEEDED if v5 else Reason.SERVER_UNAVAILABLE, "too many connections")
+        refuse_connect(
+            conn, Reason.QUOTA_EXCEEDED if v5 else Reason.SERVER_UNAVAILABLE, "too many connections"
+        )
         return
     if v5 and props.authentication_method is not None:
         # No enhanced authentication method is supported [MQTT-4.12.0-1].
@@ -74,10 +76,7 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
         if will.retain and not cfg.retain_available:
             refuse_connect(conn, Reason.RETAIN_NOT_SUPPORTED, "will retain not available")  # [MQTT-3.2.2-13]
             return
-        if (
-            will.properties.payload_format_indicator == 1
-            and not is_utf8(will.payload)
-        ):
+        if will.properties.payload_format_indicator == 1 and not is_utf8(will.payload):
             refuse_connect(conn, Reason.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
             return
 
@@ -129,8 +128,14 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
     core.connected_count += 1
     core.counters.connections_accepted += 1
     conn.send(Connack(session_present, Reason.SUCCESS, connack_props))
-    log.info("client %r connected from %s (%s, keep alive %ds, session present %s)", client_id, conn.peer,
-             "5.0" if v5 else "3.1.1", keepalive, session_present)
+    log.info(
+        "client %r connected from %s (%s, keep alive %ds, session present %s)",
+        client_id,
+        conn.peer,
+        "5.0" if v5 else "3.1.1",
+        keepalive,
+        session_present,
+    )
     core.store.session_saved(session)
     if session_present:
         core.resume(session, conn, now)
@@ -174,4 +179,3 @@ def _attach_session(
     session.connection = conn
     conn.session = session
     return present
-

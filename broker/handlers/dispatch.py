@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from broker.handlers.connect import handle_connect
 from broker.handlers.disconnect import handle_auth, handle_disconnect, handle_pingreq, handle_server_only
-from broker.handlers.publish import handle_puback, handle_pubcomp, handle_publish, handle_pubrec, handle_pubrel
+from broker.handlers.publish import (
+    handle_puback,
+    handle_pubcomp,
+    handle_publish,
+    handle_pubrec,
+    handle_pubrel,
+)
 from broker.handlers.subscribe import handle_subscribe, handle_unsubscribe
 from broker.protocol import packets as p
 

@@ -17,7 +17,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from broker.handlers.common import is_utf8
-
 from broker.messages import Message
 from broker.protocol.connection import ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError, ReceiveMaximumExceeded, TopicAliasInvalid
@@ -88,7 +87,12 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
         if props.topic_alias is not None:
             props = replace(props, topic_alias=None)
         message = Message(
-            topic, packet.payload, qos, packet.retain, props, conn.client_id,
+            topic,
+            packet.payload,
+            qos,
+            packet.retain,
+            props,
+            conn.client_id,
             None if expiry is None else now + expiry,
         )
 
@@ -105,12 +109,16 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
             conn.send(Pubrec(packet.packet_id, reason))
 
 
-def _apply_properties(core: BrokerCore, conn: ServerConnection, packet: Publish, topic: str, props: Properties) -> str:
+def _apply_properties(
+    core: BrokerCore, conn: ServerConnection, packet: Publish, topic: str, props: Properties
+) -> str:
     """Resolve a topic alias [MQTT-3.3.2-8..12] and refuse what a client may not send."""
     alias = props.topic_alias
     if alias is not None:
         if alias == 0 or alias > core.config.max_topic_alias:
-            raise TopicAliasInvalid(f"topic alias {alias} outside 1..{core.config.max_topic_alias} [MQTT-3.3.2-9]")
+            raise TopicAliasInvalid(
+                f"topic alias {alias} outside 1..{core.config.max_topic_alias} [MQTT-3.3.2-9]"
+            )
         if topic:
             conn.alias_in[alias] = topic
         else:
@@ -126,7 +134,9 @@ def _apply_properties(core: BrokerCore, conn: ServerConnection, packet: Publish,
 def _refuse_limits(core: BrokerCore, packet: Publish) -> None:
     cfg = core.config
     if packet.qos > cfg.maximum_qos:
-        raise MQTTError(f"QoS {packet.qos} above maximum QoS {cfg.maximum_qos} [MQTT-3.2.2-11]", Reason.QOS_NOT_SUPPORTED)
+        raise MQTTError(
+            f"QoS {packet.qos} above maximum QoS {cfg.maximum_qos} [MQTT-3.2.2-11]", Reason.QOS_NOT_SUPPORTED
+        )
     raise MQTTError("retain not available [MQTT-3.2.2-14]", Reason.RETAIN_NOT_SUPPORTED)
 
 
@@ -174,6 +184,3 @@ def handle_pubcomp(core: BrokerCore, conn: ServerConnection, packet: Pubcomp, no
         del session.inflight[packet.packet_id]
         if session.queue:
             core.pump(session, now)
-
-
-

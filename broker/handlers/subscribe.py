@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from broker.protocol.connection import ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError
-from broker.protocol.packets import Packet, ProtocolVersion, Suback, Subscribe, Unsuback, Unsubscribe
+from broker.protocol.packets import ProtocolVersion, Suback, Subscribe, Unsuback, Unsubscribe
 from broker.protocol.reasons import Reason
 from broker.protocol.topics import parse_shared, validate_topic_filter
 from broker.session import SubEntry

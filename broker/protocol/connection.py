@@ -133,13 +133,16 @@ class ServerConnection:
         version = self.version
         props = getattr(packet, "properties", NO_PROPERTIES)
         if version is V5 and props is not NO_PROPERTIES:
-            if not self.problem_information and not isinstance(packet, Connack | Disconnect):
-                if props.reason_string is not None or props.user_properties:
-                    packet = replace(packet, properties=replace(props, reason_string=None, user_properties=()))  # type: ignore[type-var]
+            if (
+                not self.problem_information
+                and not isinstance(packet, Connack | Disconnect)
+                and (props.reason_string is not None or props.user_properties)
+            ):
+                packet = replace(packet, properties=replace(props, reason_string=None, user_properties=()))  # type: ignore[arg-type]
             data = encode(packet, version)
             if len(data) > self.client_max_packet_bytes:
                 slim = replace(props, reason_string=None, user_properties=())
-                data = encode(replace(packet, properties=slim), version)  # type: ignore[type-var]
+                data = encode(replace(packet, properties=slim), version)  # type: ignore[arg-type]
         else:
             data = encode(packet, version)
         self.push(data)
@@ -149,14 +152,20 @@ class ServerConnection:
             self.dirty.append(self)
         self.out.append(data)
 
-    def close(self, reason: str, disconnect_reason_code: int | None = None, properties: Properties = NO_PROPERTIES) -> None:
+    def close(
+        self, reason: str, disconnect_reason_code: int | None = None, properties: Properties = NO_PROPERTIES
+    ) -> None:
         """Ask the IO layer to close after flushing; in 5.0 send DISCONNECT first if a code is given.
 
         A DISCONNECT is only sent once CONNACK went out [MQTT-3.14.0-1 / 4.13.1].
         """
         if self.closing:
             return
-        if disconnect_reason_code is not None and self.version is V5 and self.state is ConnectionState.CONNECTED:
+        if (
+            disconnect_reason_code is not None
+            and self.version is V5
+            and self.state is ConnectionState.CONNECTED
+        ):
             self.send(Disconnect(disconnect_reason_code, properties))
         self.closing = True
         self.close_reason = reason
@@ -212,7 +221,13 @@ class ServerConnection:
         return head + tail
 
     def _v5_shape(
-        self, message: Message, qos: int, retain: bool, dup: bool, subscription_ids: tuple[int, ...], now: float
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        dup: bool,
+        subscription_ids: tuple[int, ...],
+        now: float,
     ) -> tuple[object, str, int]:
         """The cache key of a 5.0 delivery, the topic to send and the outbound alias (0: none)."""
         alias = 0

@@ -7,6 +7,8 @@ just close (3.1.1) and log one line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from broker.protocol.reasons import Reason
 
 
@@ -15,7 +17,7 @@ class MQTTError(Exception):
 
     reason_code: int = Reason.UNSPECIFIED_ERROR
     # Set by the decoder: the good packets that came before the bad one in the same read.
-    packets_before: list[object] = []  # noqa: RUF012 - replaced per instance, never mutated
+    packets_before: Sequence[object] = ()
 
     def __init__(self, message: str, reason_code: int | None = None) -> None:
         super().__init__(message)

@@ -40,7 +40,9 @@ class Harness:
     def __init__(self, **mqtt: Any) -> None:
         self.clock = FakeClock()
         ids = iter(range(1, 1_000_000))
-        self.core = BrokerCore(dataclasses.replace(MqttConfig(), **mqtt), new_client_id=lambda: f"auto-{next(ids)}")
+        self.core = BrokerCore(
+            dataclasses.replace(MqttConfig(), **mqtt), new_client_id=lambda: f"auto-{next(ids)}"
+        )
 
     def client(self, version: ProtocolVersion = ProtocolVersion.V5) -> HarnessClient:
         return HarnessClient(self, version)

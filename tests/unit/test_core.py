@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.protocol.packets import (
+    NO_PROPERTIES,
     Connack,
     Disconnect,
     Properties,
@@ -20,13 +21,15 @@ from broker.protocol.packets import (
     Will,
 )
 from broker.protocol.reasons import Reason
-from tests.unit.core_harness import Harness
+from tests.unit.core_harness import Harness, HarnessClient
 
 V5 = ProtocolVersion.V5
 V311 = ProtocolVersion.V311
 
 
-def subscribe(client, *subs: Subscription, pid: int = 1, props: Properties = Properties()) -> Suback:
+def subscribe(
+    client: HarnessClient, *subs: Subscription, pid: int = 1, props: Properties = NO_PROPERTIES
+) -> Suback:
     client.send(Subscribe(pid, subs, props))
     packets = client.received()
     assert isinstance(packets[0], Suback)
@@ -180,7 +183,11 @@ def test_retained_set_replace_clear() -> None:
     h = Harness()
     pub = h.client()
     pub.connect("p")
-    pub.send(Publish("r/1", b"a", retain=True), Publish("r/1", b"b", retain=True), Publish("r/2", b"c", retain=True))
+    pub.send(
+        Publish("r/1", b"a", retain=True),
+        Publish("r/1", b"b", retain=True),
+        Publish("r/2", b"c", retain=True),
+    )
     s = h.client()
     s.connect("s")
     subscribe(s, Subscription("r/#", 0))

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--idle-connections", type=int, default=5000)
     parser.add_argument("--idle-procs", type=int, default=2)
-    parser.add_argument("--idle-concurrency", type=int, default=64)
+    parser.add_argument("--idle-concurrency", type=int, default=32)
     parser.add_argument("--publisher-procs", type=int, default=1)
     parser.add_argument("--subscriber-procs", type=int, default=1)
     return parser

@@ -212,9 +212,12 @@ def _make_client(spec: WorkerSpec, topic: str) -> clients.Client:
     return clients.CountingSubscriber(version)
 
 
-async def _connect(spec: WorkerSpec, index: int, topic: str, gate: asyncio.Semaphore) -> clients.Client:
+async def _connect(
+    spec: WorkerSpec, index: int, topic: str, gate: asyncio.Semaphore, took_ns: list[int] | None = None
+) -> clients.Client:
     loop = asyncio.get_running_loop()
     async with gate:
+        started_ns = time.perf_counter_ns()
         _transport, client = await asyncio.wait_for(
             loop.create_connection(lambda: _make_client(spec, topic), spec.host, spec.port),
             spec.connect_timeout_s,
@@ -227,6 +230,8 @@ async def _connect(spec: WorkerSpec, index: int, topic: str, gate: asyncio.Semap
         except BaseException:
             client.close()
             raise
+        if took_ns is not None:
+            took_ns.append(time.perf_counter_ns() - started_ns)
         return client
 
 
@@ -319,8 +324,9 @@ async def _run_idle(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> Wo
     await _sleep_until(go.start_s)
     gate = asyncio.Semaphore(spec.connect_concurrency)
     started_s = time.monotonic()
+    took_ns: list[int] = []
     outcomes = await asyncio.gather(
-        *(_connect(spec, i, "", gate) for i in range(spec.idle_connections)), return_exceptions=True
+        *(_connect(spec, i, "", gate, took_ns) for i in range(spec.idle_connections)), return_exceptions=True
     )
     done_s = time.monotonic()
     failures: list[str] = []
@@ -334,6 +340,7 @@ async def _run_idle(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> Wo
         pid=os.getpid(),
         window_s=done_s - started_s,
         connections=(),
+        latencies_ns=tuple(took_ns),  # per connection: TCP connect + CONNECT/CONNACK
         connected=len(conns),
         connect_failed=len(failures),
         connect_started_s=started_s,
