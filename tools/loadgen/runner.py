@@ -39,7 +39,7 @@ class Timing:
     drain_s: float = 5.0  # longest wait for in-flight messages after the window
     quiet_s: float = 1.0  # subscribers finish after this long without a delivery
     lead_s: float = 0.3  # from sending Go to the start of traffic
-    settle_s: float = 1.0  # before the closing RSS sample
+    settle_s: float = 1.0  # before the closing RSS sample of a run without a window (idle)
     ready_timeout_s: float = 60.0
     result_timeout_s: float = 120.0  # beyond end + drain + quiet (idle connects take this long at most)
 
@@ -164,8 +164,11 @@ def run(stages: Sequence[Sequence[WorkerSpec]], timing: Timing, broker_pid: int 
                 errors.append(_describe(worker, message, "its result"))
         if timing.seconds <= 0:  # no window: the workers' own phase (connecting) is what we measure
             last, last_s = procstat.sample_forest(roots), time.monotonic()
-        time.sleep(timing.settle_s)
-        rss_after = procstat.sample_trees(broker_roots).rss_bytes if broker_pid is not None else None
+        rss_after = None
+        if broker_pid is not None:
+            if timing.seconds <= 0:
+                time.sleep(timing.settle_s)  # let the broker finish allocating for the last CONNECTs
+            rss_after = procstat.sample_trees(broker_roots).rss_bytes
 
         def cpu(root: int) -> float:
             return procstat.cpu_s_between(first[root], last[root])
