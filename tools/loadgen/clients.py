@@ -49,7 +49,13 @@ class Client(asyncio.Protocol):
         self.lost = False
         self.closing = False
         self.error: str | None = None
+        # The counters every role reports; each subclass moves only those that apply to it.
+        self.sent = 0
+        self.acked = 0
         self.received = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.bytes_received = 0
         self._rest = b""
         loop = asyncio.get_running_loop()
         self._connack: asyncio.Future[int] = loop.create_future()
@@ -66,6 +72,7 @@ class Client(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER_BYTES)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         buf = self._rest + data if self._rest else data
         others: list[wire.Control] = []
         try:
@@ -158,7 +165,6 @@ class Qos0Publisher(Client):
 
     def __init__(self, version: int, topic: str, payload_bytes: int, batch_msgs: int) -> None:
         super().__init__(version)
-        self.sent = 0
         self._batch = wire.publish_batch(topic, payload_bytes, batch_msgs, version)
         self._batch_msgs = batch_msgs
         self._packet_bytes = len(self._batch) // batch_msgs
@@ -204,8 +210,6 @@ class Qos1Publisher(Client):
 
     def __init__(self, version: int, topic: str, payload_bytes: int, window: int) -> None:
         super().__init__(version)
-        self.sent = 0
-        self.acked = 0
         self._template = wire.publish_template(topic, payload_bytes, 1, version)
         self._window = window
         self._next_id = 0
@@ -248,11 +252,10 @@ class Qos1Publisher(Client):
 class PacedPublisher(Client):
     """Publishes QoS 0 at a fixed rate, each payload stamped with time.perf_counter_ns()."""
 
-    TICK_S = 0.001
+    TICK_S = 0.001  # retry interval while the transport is paused
 
     def __init__(self, version: int, topic: str, payload_bytes: int, rate_per_s: float) -> None:
         super().__init__(version)
-        self.sent = 0
         self._template = wire.publish_template(topic, payload_bytes, 0, version)
         self._rate_per_s = rate_per_s
         self._running = False
@@ -278,8 +281,11 @@ class PacedPublisher(Client):
         if not self._running or self.lost or self.transport is None or now >= self._deadline_s:
             self._running = False
             return
+        if self.paused:  # the broker is not reading: skip ahead instead of spinning
+            self._timer = asyncio.get_running_loop().call_later(self.TICK_S, self._tick)
+            return
         due = min(int((now - self._started_s) * self._rate_per_s) + 1, self._max) - self.sent
-        if due > 0 and not self.paused:
+        if due > 0:
             encode = self._template.encode
             parts = []
             for _ in range(due):
@@ -302,9 +308,41 @@ class CountingSubscriber(Client):
     `wire.count_uniform`, walking headers one by one only where that does not apply.
     """
 
+    # SO_RCVLOWAT tuning: a broker that writes one small packet per syscall (mosquitto does)
+    # would otherwise wake this process for every few messages, and on a small machine the
+    # generator's wake-ups take CPU from the broker it measures. The kernel is asked to wait
+    # until about LOWAT_DELAY_S worth of traffic (at the current rate) is there; that shifts the
+    # window's edges by at most that much. `untune` restores 1 byte before the drain.
+    LOWAT_DELAY_S = 0.01
+    LOWAT_MIN_BYTES = 512  # below this, batching buys little
+    LOWAT_MAX_BYTES = 32 * 1024  # well under the receive buffer, so the window is not clamped
+
     def __init__(self, version: int) -> None:
         super().__init__(version)
         self._packet_bytes = 0
+        self._lowat_bytes = 1
+        self._tuned_at: tuple[float, int] | None = None
+
+    def tune(self, now_s: float) -> None:
+        """Set SO_RCVLOWAT from the rate seen since the previous call."""
+        if self._tuned_at is not None:
+            then_s, then_bytes = self._tuned_at
+            rate = (self.bytes_received - then_bytes) / max(now_s - then_s, 1e-3)
+            lowat = min(int(rate * self.LOWAT_DELAY_S), self.LOWAT_MAX_BYTES)
+            self._set_lowat(lowat if lowat >= self.LOWAT_MIN_BYTES else 1)
+        self._tuned_at = (now_s, self.bytes_received)
+
+    def untune(self) -> None:
+        self._tuned_at = None
+        self._set_lowat(1)
+
+    def _set_lowat(self, lowat_bytes: int) -> None:
+        if lowat_bytes == self._lowat_bytes or self.transport is None or self.lost:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat_bytes)
+            self._lowat_bytes = lowat_bytes
 
     def _scan(self, buf: bytes, others: list[wire.Control]) -> int:
         start = 0
@@ -329,8 +367,6 @@ class Qos1Subscriber(Client):
 
     def __init__(self, version: int) -> None:
         super().__init__(version)
-        self.duplicates = 0
-        self.gaps = 0
         self._expected_seq = 0
 
     def _scan(self, buf: bytes, others: list[wire.Control]) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from tools.loadgen import runner, wire
 from tools.loadgen.worker import RoleKind, WorkerResult, WorkerSpec
@@ -84,11 +85,18 @@ class ScenarioResult:
 
 
 Pairs = tuple[tuple[WorkerSpec, WorkerResult], ...]
+Counter = Literal["sent", "acked", "received", "sent_window", "received_window", "duplicates", "gaps"]
 
 
 def _split(items: Sequence[str], parts: int) -> list[tuple[str, ...]]:
     parts = max(1, min(parts, len(items)))
     return [tuple(items[i::parts]) for i in range(parts)]
+
+
+def _keepalive_s(params: Params) -> int:
+    """Long enough that no PINGREQ is due while a scenario runs (the clients send none)."""
+    run_s = params.warmup_s + params.seconds + params.drain_s + params.quiet_s
+    return min(65_535, max(60, int(2 * run_s) + 60))
 
 
 def _specs(
@@ -113,22 +121,23 @@ def _specs(
             payload_bytes=params.payload_bytes,
             window=params.qos1_window,
             rate_per_s=params.latency_rate_per_s,
+            keepalive_s=_keepalive_s(params),
             max_messages=params.max_messages,
         )
         for n, chunk in enumerate(_split(topics, procs))
     ]
 
 
-def _rate(pairs: Pairs, field: str) -> float:
+def _rate(pairs: Pairs, field: Counter) -> float:
     total = 0.0
     for _spec, result in pairs:
         if result.window_s > 0:
-            total += sum(getattr(c, field) for c in result.connections) / result.window_s
+            total += sum(int(getattr(c, field)) for c in result.connections) / result.window_s
     return total
 
 
-def _total(pairs: Pairs, field: str) -> int:
-    return sum(getattr(c, field) for _spec, result in pairs for c in result.connections)
+def _total(pairs: Pairs, field: Counter) -> int:
+    return sum(int(getattr(c, field)) for _spec, result in pairs for c in result.connections)
 
 
 def _pct(part: float, whole: float) -> float | None:
@@ -166,6 +175,8 @@ def _flood_metrics(
         Metric(recv_name, received_per_s, "msg/s"),
         Metric(sent_name, _rate(pubs, "sent_window"), "msg/s", ""),
         Metric("loss", _pct(max(0, expected - received), expected), "%", "lower"),
+        # More deliveries than publishes times subscribers: duplicates, a broker bug.
+        Metric("extra deliveries", float(max(0, received - expected)), "msgs", "lower"),
         *_cpu_metrics(outcome, received_per_s),
     ]
 

@@ -36,6 +36,7 @@ from tools.loadgen import clients, wire
 READY_TIMEOUT_S = 120.0  # parent's longest wait between our Ready and its Go
 STOP_TIMEOUT_S = 60.0  # after our result, how long we hold connections waiting for Stop
 POLL_S = 0.05
+TUNE_S = 0.1  # how often counting subscribers re-tune SO_RCVLOWAT to the traffic's rate
 MAX_ERRORS_REPORTED = 10
 
 T = TypeVar("T")
@@ -240,9 +241,7 @@ async def _sleep_until(when_s: float) -> None:
 
 
 def _reading(client: clients.Client) -> tuple[int, int, int]:
-    sent = getattr(client, "sent", 0)
-    acked = getattr(client, "acked", 0)
-    return sent, acked, client.received
+    return client.sent, client.acked, client.received
 
 
 def _errors(conns: list[clients.Client], extra: list[str]) -> tuple[str, ...]:
@@ -274,8 +273,18 @@ async def _drain(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> None:
         await asyncio.sleep(POLL_S)
 
 
+async def _tune_receivers(conns: list[clients.Client], until_s: float) -> None:
+    counting = [c for c in conns if isinstance(c, clients.CountingSubscriber)]
+    while counting and time.monotonic() < until_s:
+        now_s = time.monotonic()
+        for client in counting:
+            client.tune(now_s)
+        await asyncio.sleep(TUNE_S)
+
+
 async def _run_timed(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> WorkerResult:
     await _sleep_until(go.start_s)
+    tuner = asyncio.create_task(_tune_receivers(conns, go.end_s))
     for client in conns:
         client.start(go.end_s, spec.max_messages)
     await _sleep_until(go.warm_s)
@@ -287,10 +296,13 @@ async def _run_timed(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> W
     await _sleep_until(go.end_s)
     after = [_reading(c) for c in conns]
     window_s = time.monotonic() - window_opened_s
+    tuner.cancel()
     for client in conns:
         client.stop()
         if isinstance(client, clients.LatencySubscriber):
             client.close_window()
+        if isinstance(client, clients.CountingSubscriber):
+            client.untune()
     await _drain(spec, conns, go)
     counts = []
     latencies: list[int] = []
@@ -303,8 +315,8 @@ async def _run_timed(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> W
                 received=received,
                 sent_window=sent1 - sent0,
                 received_window=recv1 - recv0,
-                duplicates=getattr(client, "duplicates", 0),
-                gaps=getattr(client, "gaps", 0),
+                duplicates=client.duplicates,
+                gaps=client.gaps,
             )
         )
         if isinstance(client, clients.LatencySubscriber):

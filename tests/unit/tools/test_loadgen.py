@@ -312,6 +312,7 @@ def test_flood_scenarios(mosquitto: bench.Broker, scenario: str) -> None:
     assert _value(result, rate_name) > 1000
     assert _value(result, sent_name) > 0
     assert 0 <= _value(result, "loss") < 20  # QoS 0 may drop, but mosquitto keeps up with this
+    assert _value(result, "extra deliveries") == 0
     assert _value(result, "broker CPU µs/msg") > 0
     assert _value(result, "generator busiest proc CPU") > 0
     assert len(result.notes) == len({n.split(":")[0] for n in result.notes}) >= 2
