@@ -119,15 +119,28 @@ class SessionStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """The node's ZeroMQ mesh (see mesh/PROTOCOL.md)."""
+
+    ipc_dir: str = ""  # Mesh.IpcDir; "" = $XDG_RUNTIME_DIR/meshmq-<NodeName>, else /tmp/meshmq-<uid>-<NodeName>
+    send_hwm: int = 10_000  # Mesh.SendHwm, envelopes queued per peer before backpressure
+    recv_hwm: int = 10_000  # Mesh.RecvHwm
+    heartbeat_ms: int = 1000  # Mesh.HeartbeatMs, worker -> relay
+    handoff_timeout_ms: int = 3000  # Mesh.HandoffTimeoutMs, waiting for a session from another worker
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node_name: str = field(default_factory=socket.gethostname)
     workers: int = 0  # 0: one per core
     listen_address: str = "0.0.0.0"
     tcp_port: int = 1883  # 0: no plain TCP listener
+    worker_port_base: int = 0  # >0: worker N also listens on this + N (tests, benchmarks, debugging)
     cluster: bool = False  # from the command line (-cluster), not from the file
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     session_store: SessionStoreConfig = field(default_factory=SessionStoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     @property
     def worker_count(self) -> int:
@@ -390,6 +403,17 @@ _SESSION_STORE: Final = _Section(
     {"Type": ("type", _store_type), "SQLite": ("sqlite", _SQLITE), "Postgres": ("postgres", _POSTGRES)},
 )
 
+_MESH: Final = _Section(
+    MeshConfig,
+    {
+        "IpcDir": ("ipc_dir", _text(expected="a directory path")),
+        "SendHwm": ("send_hwm", _integer(1, 10_000_000)),
+        "RecvHwm": ("recv_hwm", _integer(1, 10_000_000)),
+        "HeartbeatMs": ("heartbeat_ms", _integer(50, 60_000)),
+        "HandoffTimeoutMs": ("handoff_timeout_ms", _integer(100, 600_000)),
+    },
+)
+
 # Node names appear in mesh identities, $SYS topics and log lines: no wildcards, slashes or spaces.
 _NODE_NAME: Final = _text(
     pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
@@ -405,11 +429,13 @@ _TOP: Final = _Section(
         "Workers": ("workers", _WORKERS),
         "ListenAddress": ("listen_address", _listen_address),
         "TCP": ("tcp_port", _TCP_PORT),
+        "WorkerPortBase": ("worker_port_base", _integer(0, _MAX_U16 - 1024)),
         "MQTT": ("mqtt", _MQTT),
+        "Mesh": ("mesh", _MESH),
         "SessionStore": ("session_store", _SESSION_STORE),
         "Logging": ("logging", _LOGGING),
     },
-    later=frozenset({"Cluster", "Mesh", "Http", "TCPS", "WS", "WSS", "Auth"}),
+    later=frozenset({"Cluster", "Http", "TCPS", "WS", "WSS", "Auth"}),
 )
 
 

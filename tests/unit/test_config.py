@@ -112,6 +112,12 @@ GOOD: list[tuple[str, object, str, object]] = [
     ("ListenAddress", "::1", "listen_address", "::1"),
     ("ListenAddress", "localhost", "listen_address", "localhost"),
     ("TCP", 0, "tcp_port", 0),
+    ("WorkerPortBase", 20000, "worker_port_base", 20000),
+    ("Mesh.IpcDir", "/run/meshmq", "mesh.ipc_dir", "/run/meshmq"),
+    ("Mesh.SendHwm", 1, "mesh.send_hwm", 1),
+    ("Mesh.RecvHwm", 500, "mesh.recv_hwm", 500),
+    ("Mesh.HeartbeatMs", 50, "mesh.heartbeat_ms", 50),
+    ("Mesh.HandoffTimeoutMs", 100, "mesh.handoff_timeout_ms", 100),
     ("MQTT.MaxConnections", 1, "mqtt.max_connections", 1),
     ("MQTT.MaxPacketSize", 128, "mqtt.max_packet_bytes", 128),
     ("MQTT.MaxInflight", 65535, "mqtt.max_inflight", 65535),
@@ -165,6 +171,12 @@ BAD: list[tuple[str, object, str, str]] = [
     ("ListenAddress", 1, "an IP address or host name", "1"),
     ("TCP", 65536, "an integer from 0 to 65535", "65536"),
     ("TCP", True, "an integer from 0 to 65535", "true"),
+    ("WorkerPortBase", 65000, "an integer from 0 to 64511", "65000"),
+    ("Mesh.IpcDir", 5, "a directory path", "5"),
+    ("Mesh.SendHwm", 0, "an integer from 1 to 10000000", "0"),
+    ("Mesh.RecvHwm", "x", "an integer from 1 to 10000000", "'x'"),
+    ("Mesh.HeartbeatMs", 10, "an integer from 50 to 60000", "10"),
+    ("Mesh.HandoffTimeoutMs", 50, "an integer from 100 to 600000", "50"),
     ("MQTT.MaxConnections", 0, "an integer >= 1", "0"),
     ("MQTT.MaxPacketSize", 127, "an integer from 128 to 268435455", "127"),
     ("MQTT.MaxPacketSize", 268_435_456, "an integer from 128 to 268435455", "268435456"),
@@ -251,7 +263,7 @@ def test_unknown_nested_key() -> None:
     )
 
 
-@pytest.mark.parametrize("section", ["Cluster", "Mesh", "Http", "TCPS", "WS", "WSS", "Auth"])
+@pytest.mark.parametrize("section", ["Cluster", "Http", "TCPS", "WS", "WSS", "Auth"])
 def test_sections_of_later_versions_are_refused(section: str) -> None:
     message = error_of({section: {}})
     assert message.startswith(f"{section}: unknown key (not supported in this version yet)")
