@@ -122,7 +122,9 @@ class SessionStoreConfig:
 class MeshConfig:
     """The node's ZeroMQ mesh (see mesh/PROTOCOL.md)."""
 
-    ipc_dir: str = ""  # Mesh.IpcDir; "" = $XDG_RUNTIME_DIR/meshmq-<NodeName>, else /tmp/meshmq-<uid>-<NodeName>
+    ipc_dir: str = (
+        ""  # Mesh.IpcDir; "" = $XDG_RUNTIME_DIR/meshmq-<NodeName>, else /tmp/meshmq-<uid>-<NodeName>
+    )
     send_hwm: int = 10_000  # Mesh.SendHwm, envelopes queued per peer before backpressure
     recv_hwm: int = 10_000  # Mesh.RecvHwm
     heartbeat_ms: int = 1000  # Mesh.HeartbeatMs, worker -> relay
@@ -136,6 +138,7 @@ class Config:
     listen_address: str = "0.0.0.0"
     tcp_port: int = 1883  # 0: no plain TCP listener
     worker_port_base: int = 0  # >0: worker N also listens on this + N (tests, benchmarks, debugging)
+    shutdown_grace_s: float = 10.0  # SIGTERM: time for clients to be told and workers to drain
     cluster: bool = False  # from the command line (-cluster), not from the file
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     session_store: SessionStoreConfig = field(default_factory=SessionStoreConfig)
@@ -430,6 +433,7 @@ _TOP: Final = _Section(
         "ListenAddress": ("listen_address", _listen_address),
         "TCP": ("tcp_port", _TCP_PORT),
         "WorkerPortBase": ("worker_port_base", _integer(0, _MAX_U16 - 1024)),
+        "ShutdownGrace": ("shutdown_grace_s", _positive_seconds),
         "MQTT": ("mqtt", _MQTT),
         "Mesh": ("mesh", _MESH),
         "SessionStore": ("session_store", _SESSION_STORE),

@@ -24,12 +24,13 @@ from dataclasses import replace
 
 from broker.config import MqttConfig
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
+from broker.mesh_codec import session_to_wire
 from broker.messages import Message
 from broker.metrics import Counters
 from broker.ports import ClientIdSource, MemorySessionStore, MeshPort, NoMesh, SessionStore, random_client_id
 from broker.protocol.connection import ConnectionState, Link, ServerConnection
 from broker.protocol.errors import MQTTError, UnsupportedProtocolVersion
-from broker.protocol.packets import Pubrel, Will
+from broker.protocol.packets import Packet, Pubrel, Will
 from broker.protocol.reasons import Reason
 from broker.routing.retained import RetainedTree
 from broker.routing.shared import SharedChoice
@@ -53,8 +54,10 @@ class BrokerCore:
         store: SessionStore | None = None,
         mesh: MeshPort | None = None,
         new_client_id: ClientIdSource = random_client_id,
+        worker_index: int = 0,
     ) -> None:
         self.config = config
+        self.worker_index = worker_index
         self.store: SessionStore = store or MemorySessionStore()
         self.mesh: MeshPort = mesh or NoMesh()
         self.new_client_id = new_client_id
@@ -63,7 +66,9 @@ class BrokerCore:
         self.connections: set[ServerConnection] = set()
         self.connected_count = 0
         self.subscriptions: TopicTree[str, SubEntry] = TopicTree()
-        self.shared_subscriptions: TopicTree[tuple[str, str], SubEntry] = TopicTree()
+        # Shared members of the whole node, keyed (group, worker, client id): the publishing
+        # worker alone picks the member of each message.
+        self.shared_subscriptions: TopicTree[tuple[str, int, str], SubEntry] = TopicTree()
         self.shared_choice = SharedChoice()
         self.retained: RetainedTree[Message] = RetainedTree()
         self.dirty: list[ServerConnection] = []
@@ -73,6 +78,7 @@ class BrokerCore:
         self._timers: list[tuple[float, int, str, str]] = []
         self._timer_seq = 0
         self.stopping = False
+        self.reading_paused = False
         from broker.handlers import dispatch  # the handlers import this module's types
 
         self._dispatch = dispatch.TABLE
@@ -82,6 +88,8 @@ class BrokerCore:
     def open_connection(self, peer: str, link: Link, now: float) -> ServerConnection:
         conn = ServerConnection(peer, self.config.max_packet_bytes, now, link, self.dirty)
         self.connections.add(conn)
+        if self.reading_paused:
+            link.pause_reading()
         return conn
 
     def data_received(self, conn: ServerConnection, data: bytes, now: float) -> None:
@@ -90,27 +98,46 @@ class BrokerCore:
             return
         conn.last_rx = now
         self.counters.bytes_received += len(data)
-        dispatch = self._dispatch
         try:
             packets = conn.receive(data)
         except MQTTError as exc:
             # Act on the good packets that came before the bad one, then close.
             try:
-                for packet in exc.packets_before:
-                    dispatch[type(packet)](self, conn, packet, now)
-                    if conn.closing:
-                        return
+                self._handle(conn, exc.packets_before, now)  # type: ignore[arg-type]
             except MQTTError as first:
                 exc = first
             self.protocol_error(conn, exc)
             return
         try:
-            for packet in packets:
-                dispatch[type(packet)](self, conn, packet, now)
-                if conn.closing:
-                    break
+            self._handle(conn, packets, now)
         except MQTTError as exc:
             self.protocol_error(conn, exc)
+
+    def _handle(self, conn: ServerConnection, packets: list[Packet], now: float) -> None:
+        held = conn.held
+        if held is not None:
+            held.extend(packets)  # the connection waits for the node; keep the order
+            return
+        dispatch = self._dispatch
+        for i in range(len(packets)):
+            packet = packets[i]
+            dispatch[type(packet)](self, conn, packet, now)
+            if conn.closing:
+                return
+            held = conn.held
+            if held is not None:  # the handler made the connection wait
+                held.extend(packets[i + 1 :])
+                return
+
+    def release_held(self, conn: ServerConnection, now: float) -> None:
+        """The connection's wait is over: handle what arrived meanwhile."""
+        held = conn.held
+        conn.held = None
+        if held and not conn.closing and conn.state is not ConnectionState.CLOSED:
+            try:
+                self._handle(conn, held, now)
+            except MQTTError as exc:
+                self.protocol_error(conn, exc)
 
     def protocol_error(self, conn: ServerConnection, exc: MQTTError) -> None:
         """The one place a peer's protocol violation ends its connection [MQTT-4.13.1]."""
@@ -134,6 +161,11 @@ class BrokerCore:
     def connection_lost(self, conn: ServerConnection, now: float) -> None:
         """The socket is gone, for whatever reason: run the will and session-end rules."""
         if conn.state is ConnectionState.CLOSED:
+            return
+        if conn.state is ConnectionState.AWAITING_CONNECT and conn.held is not None and conn.client_id:
+            # CONNECT is waiting for its claim: the claim's completion runs the rest.
+            conn.link_lost = True
+            self.connections.discard(conn)
             return
         was_connected = conn.state is ConnectionState.CONNECTED
         conn.state = ConnectionState.CLOSED
@@ -179,6 +211,7 @@ class BrokerCore:
 
     def flush(self) -> None:
         """Write every connection's pending output once, and close those that asked for it."""
+        self.mesh.flush()
         dirty = self.dirty
         if not dirty:
             return
@@ -202,10 +235,61 @@ class BrokerCore:
             return
         if session.will is not None and session.will_at is not None:
             self.publish_will(session, now)
+        self._forget_session(session)
+        self.store.session_removed(session.client_id)
+        self.mesh.session_ended(session.client_id, session.epoch)
+
+    def _forget_session(self, session: Session) -> None:
         for topic_filter in list(session.subscriptions):
             self.remove_subscription(session, topic_filter)
         del self.sessions[session.client_id]
-        self.store.session_removed(session.client_id)
+
+    def take_over(self, session: Session, clean_start: bool, now: float) -> None:
+        """A new connection claims the session: close the old one with 0x8E [MQTT-3.1.4-3].
+
+        The old connection's will goes out unless the session continues and the will was
+        delayed [MQTT-3.1.3-9]; a delayed will pending from an earlier connection goes out if
+        the session ends now (clean start).
+        """
+        old = session.connection
+        if old is not None:
+            self.counters.sessions_taken_over += 1
+            log.info("client %r: session taken over (was %s)", session.client_id, old.peer)
+            old.close("session taken over", Reason.SESSION_TAKEN_OVER)
+            old.session = None
+            self.connected_count -= 1
+            session.connection = None
+            will = session.will
+            if will is not None and (clean_start or not will.properties.will_delay_interval_s):
+                self.publish_will(session, now)
+        elif session.will_at is not None and clean_start:
+            self.publish_will(session, now)
+        session.will = None
+        session.will_at = None
+
+    def release(self, client_id: str, epoch: int, new_worker: int, clean_start: bool, now: float) -> None:
+        """Another worker claimed `client_id`: hand the session over and forget it here."""
+        session = self.sessions.get(client_id)
+        state = None
+        if session is not None:
+            if session.epoch > epoch:
+                log.info("client %r: stale release (epoch %d < %d) ignored", client_id, epoch, session.epoch)
+                return
+            self.take_over(session, clean_start, now)
+            if not clean_start:
+                state = session_to_wire(session, now)
+            self._forget_session(session)
+        self.mesh.handoff(new_worker, client_id, epoch, state)
+
+    def deliver_directed(
+        self, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
+    ) -> None:
+        """A message another worker picked one of our sessions for (a shared subscription)."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            self.counters.messages_dropped_no_session += 1
+            return
+        self.deliver(session, message, qos, retain, sub_ids, now)
 
     def schedule_will(self, session: Session, now: float) -> None:
         will = session.will
@@ -282,27 +366,57 @@ class BrokerCore:
 
     # -- subscriptions --------------------------------------------------------------------------
 
-    def add_subscription(self, session: Session, key_filter: str, entry: SubEntry) -> bool:
-        """Add or replace; True if the session had no subscription to that filter before."""
+    def add_subscription(self, session: Session, key_filter: str, entry: SubEntry) -> tuple[bool, bool]:
+        """Add or replace a subscription of a local session.
+
+        Returns (is_new, needs_barrier): whether the session had no subscription to that filter
+        before, and whether other processes must catch up before the SUBACK goes out.
+        """
         is_new = key_filter not in session.subscriptions
         if not is_new:
-            self.remove_subscription(session, key_filter)
+            self._drop_subscription(session, key_filter, replacing=True)
         session.subscriptions[key_filter] = entry
         if entry.share_group is None:
             self.subscriptions.add(entry.topic_filter, session.client_id, entry)
-        else:
-            self.shared_subscriptions.add(entry.topic_filter, (entry.share_group, session.client_id), entry)
-        return is_new
+            return is_new, self.mesh.interest(entry.topic_filter, +1)
+        self.shared_subscriptions.add(
+            entry.topic_filter, (entry.share_group, entry.worker, session.client_id), entry
+        )
+        self.mesh.shared_changed(entry, True)
+        return is_new, True
 
     def remove_subscription(self, session: Session, key_filter: str) -> bool:
+        return self._drop_subscription(session, key_filter, replacing=False)
+
+    def _drop_subscription(self, session: Session, key_filter: str, replacing: bool) -> bool:
         entry = session.subscriptions.pop(key_filter, None)
         if entry is None:
             return False
         if entry.share_group is None:
             self.subscriptions.remove(entry.topic_filter, session.client_id)
+            self.mesh.interest(entry.topic_filter, -1)
         else:
-            self.shared_subscriptions.remove(entry.topic_filter, (entry.share_group, session.client_id))
+            self.shared_subscriptions.remove(
+                entry.topic_filter, (entry.share_group, entry.worker, session.client_id)
+            )
+            if not replacing:
+                self.mesh.shared_changed(entry, False)
         return True
+
+    def apply_shared_update(self, entry: SubEntry, joined: bool) -> None:
+        """A shared member on another worker joined or left (from the mesh)."""
+        key = (entry.share_group or "", entry.worker, entry.client_id)
+        if joined:
+            self.shared_subscriptions.add(entry.topic_filter, key, entry)
+        else:
+            self.shared_subscriptions.remove(entry.topic_filter, key)
+
+    def forget_worker(self, worker: int) -> None:
+        """Another worker died: its shared members are gone."""
+        for topic_filter in list(self.shared_subscriptions.filters()):
+            for key in list(self.shared_subscriptions.entries(topic_filter)):
+                if key[1] == worker:
+                    self.shared_subscriptions.remove(topic_filter, key)
 
     def _resolve(self, topic: str) -> tuple[list[Route], list[SharedRoute]]:
         generation = (self.subscriptions.generation, self.shared_subscriptions.generation)
@@ -317,10 +431,10 @@ class BrokerCore:
             by_client.setdefault(client_id, []).append(entry)
         normal = [(cid, tuple(entries)) for cid, entries in by_client.items()]
         groups: dict[tuple[str, str], list[SubEntry]] = {}
-        for (group, _cid), entry in self.shared_subscriptions.match(topic):
+        for (group, _worker, _cid), entry in self.shared_subscriptions.match(topic):
             groups.setdefault((group, entry.topic_filter), []).append(entry)
         for members in groups.values():
-            members.sort(key=lambda e: e.client_id)  # stable order for fair round robin
+            members.sort(key=lambda e: (e.worker, e.client_id))  # stable order for fair round robin
         routes = (normal, list(groups.items()))
         if len(self._routes) >= ROUTE_CACHE_MAX:
             self._routes.clear()
@@ -329,8 +443,23 @@ class BrokerCore:
 
     # -- routing and delivery -------------------------------------------------------------------
 
-    def publish(self, message: Message, now: float) -> int:
-        """Route a message to every matching session here; returns how many got it."""
+    def publish(self, message: Message, now: float) -> bool:
+        """Route a message published on this worker: here, and to every process that wants it.
+
+        True if any subscriber may get it (for PUBACK's "no matching subscribers").
+        """
+        local = self.route_local(message, now)
+        remote = self.mesh.forward(message)
+        if not local and not remote:
+            self.counters.messages_no_subscribers += 1
+        return bool(local) or remote
+
+    def route_local(self, message: Message, now: float) -> int:
+        """Deliver to the matching sessions of this worker; returns how many got it.
+
+        Shared groups are picked from the members of the whole node; a member on another
+        worker gets the message through the mesh.
+        """
         normal, shared = self._resolve(message.topic)
         sessions = self.sessions
         origin = message.origin
@@ -362,23 +491,22 @@ class BrokerCore:
                 rap = any(e.retain_as_published for e in usable)
                 deliver(session, message, best if best < qos else qos, message.retain and rap, ids, now)
             count += 1
+        me = self.worker_index
         for group_key, members in shared:
             chosen = self.shared_choice.pick(
-                group_key, members, lambda e: sessions[e.client_id].connection is not None
+                group_key, members, lambda e: e.worker != me or sessions[e.client_id].connection is not None
             ) or self.shared_choice.pick(group_key, members)
             if chosen is None:
                 continue
-            deliver(
-                sessions[chosen.client_id],
-                message,
-                chosen.qos if chosen.qos < qos else qos,
-                message.retain and chosen.retain_as_published,
-                chosen.subscription_ids,
-                now,
-            )
+            granted = chosen.qos if chosen.qos < qos else qos
+            retain = message.retain and chosen.retain_as_published
+            if chosen.worker == me:
+                deliver(sessions[chosen.client_id], message, granted, retain, chosen.subscription_ids, now)
+            else:
+                self.mesh.direct(
+                    chosen.worker, chosen.client_id, message, granted, retain, chosen.subscription_ids
+                )
             count += 1
-        if not count:
-            self.counters.messages_no_subscribers += 1
         return count
 
     def deliver(
@@ -473,6 +601,15 @@ class BrokerCore:
             conn.push(data)
         self.pump(session, now)
 
+    def pause_reading(self, pause: bool) -> None:
+        """Stop (or restart) reading from every client: the mesh cannot take more for now."""
+        self.reading_paused = pause
+        for conn in self.connections:
+            if pause:
+                conn.link.pause_reading()
+            else:
+                conn.link.resume_reading()
+
     def writable_again(self, conn: ServerConnection, now: float) -> None:
         """The socket drained: queued QoS 1/2 messages can flow again."""
         conn.write_paused = False
@@ -495,6 +632,15 @@ class BrokerCore:
             return
         self.retained.set(message.topic, message)
         self.store.retained_changed(message.topic, message)
+
+    def apply_remote_retained(self, message: Message, now: float, route: bool = True) -> None:
+        """A retained publish made on another worker: keep our copy and deliver it here."""
+        if not message.payload:
+            self.retained.discard(message.topic)
+        else:
+            self.retained.set(message.topic, message)
+        if route:
+            self.route_local(message, now)
 
     def retained_for(self, topic_filter: str, now: float) -> list[Message]:
         out = []

@@ -27,6 +27,11 @@ class Counters:
     messages_dropped_too_large: int = 0
     messages_dropped_expired: int = 0
     messages_no_subscribers: int = 0
+    messages_dropped_no_session: int = 0
+    mesh_dropped_qos0: int = 0
+    mesh_envelopes_sent: int = 0
+    mesh_envelopes_received: int = 0
+    mesh_bad_envelopes: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
     wills_published: int = 0

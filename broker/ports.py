@@ -11,10 +11,12 @@ Must not: hold behaviour beyond the trivial in-memory defaults.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 from broker.messages import Message
-from broker.session import Session
+from broker.session import Session, SubEntry
+from mesh.envelope import SessionWire
 
 
 class SessionStore(Protocol):
@@ -31,10 +33,49 @@ class SessionStore(Protocol):
 
 
 class MeshPort(Protocol):
-    """Where a message goes to reach subscribers outside this worker (the mesh, later)."""
+    """The other processes of the node (and later of the cluster), as one worker sees them.
 
-    def forward(self, message: Message) -> None:
-        """Hand a message to other workers and nodes with matching subscribers."""
+    Callbacks (`done`) may run synchronously, inside the call, or later from the worker's event
+    loop; the core is written for both.
+    """
+
+    def forward(self, message: Message) -> bool:
+        """Offer a message this worker has routed locally to every other process that may
+        want it; True if any may (so "no matching subscribers" would be a lie)."""
+
+    def direct(
+        self, worker: int, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]
+    ) -> None:
+        """Deliver to one session held by another worker (a shared-subscription pick)."""
+
+    def claim(
+        self,
+        client_id: str,
+        clean_start: bool,
+        now: float,
+        done: Callable[[int, SessionWire | None, float], None],
+    ) -> None:
+        """Make this worker the owner of `client_id`: done(epoch, state, now), where state is
+        the session handed over by its previous owner on another worker, if any."""
+
+    def handoff(self, worker: int, client_id: str, epoch: int, state: SessionWire | None) -> None:
+        """Send a released session to the worker that claimed it."""
+
+    def session_ended(self, client_id: str, epoch: int) -> None:
+        """The session of `client_id` ended here for good: forget who holds it."""
+
+    def interest(self, topic_filter: str, delta: int) -> bool:
+        """A local (non-shared) subscription to `topic_filter` was added (+1) or removed (-1);
+        True if other processes must learn of it before the SUBACK (see `barrier`)."""
+
+    def shared_changed(self, entry: SubEntry, joined: bool) -> None:
+        """A local shared-subscription member joined (or changed options) or left."""
+
+    def barrier(self, now: float, done: Callable[[float], None]) -> None:
+        """Call done(now) once every other process has seen what this one sent and subscribed so far."""
+
+    def flush(self) -> None:
+        """Send what was batched since the last flush."""
 
 
 class ClientIdSource(Protocol):
@@ -55,9 +96,41 @@ class MemorySessionStore:
 
 
 class NoMesh:
-    """Single worker: nothing lies outside it."""
+    """Nothing outside this worker (unit tests, and the harness of the sans-IO core)."""
 
-    def forward(self, message: Message) -> None:
+    def forward(self, message: Message) -> bool:
+        return False
+
+    def direct(
+        self, worker: int, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]
+    ) -> None:
+        raise AssertionError("no other worker exists")
+
+    def claim(
+        self,
+        client_id: str,
+        clean_start: bool,
+        now: float,
+        done: Callable[[int, SessionWire | None, float], None],
+    ) -> None:
+        done(0, None, now)
+
+    def handoff(self, worker: int, client_id: str, epoch: int, state: SessionWire | None) -> None:
+        raise AssertionError("no other worker exists")
+
+    def session_ended(self, client_id: str, epoch: int) -> None:
+        pass
+
+    def interest(self, topic_filter: str, delta: int) -> bool:
+        return False
+
+    def shared_changed(self, entry: SubEntry, joined: bool) -> None:
+        pass
+
+    def barrier(self, now: float, done: Callable[[float], None]) -> None:
+        done(now)
+
+    def flush(self) -> None:
         pass
 
 

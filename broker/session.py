@@ -43,6 +43,7 @@ class SubEntry:
     retain_handling: int = 0
     subscription_id: int | None = None
     share_group: str | None = None
+    worker: int = 0  # the worker process holding the session (shared members of the whole node)
 
     @property
     def subscription_ids(self) -> tuple[int, ...]:
@@ -73,6 +74,7 @@ class Session:
         "client_id",
         "connection",
         "dropped_messages",
+        "epoch",
         "expires_at",
         "expiry_interval_s",
         "inbound_qos2",
@@ -97,6 +99,7 @@ class Session:
         self.will_at: float | None = None  # a delayed will is due at this time
         self.expires_at: float | None = None  # set while disconnected, if it expires
         self.dropped_messages = 0
+        self.epoch = 0  # from the node's client registry; a stale epoch loses every race
 
     @property
     def persistent(self) -> bool:

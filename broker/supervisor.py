@@ -1,55 +1,182 @@
-"""The node's parent process.
+"""The node's parent process: starts the relay and the workers, restarts the ones that die,
+and drains the node on SIGTERM or SIGINT.
 
-Why: it starts the node's processes and stops them on SIGTERM/SIGINT with a graceful drain.
+Why: a crashed worker must cost its own clients a reconnect and nothing else, and an operator's
+SIGTERM must end in an orderly drain with exit code 0. Both need one process that owns the
+others and does nothing else.
 
-Today it runs a single worker in its own process (issue 2). The multi-process node — per-core
-workers, the relay and the store as spawned children with restart on crash — replaces
-`run_node`'s body in the next issue; the CLI and the drain contract stay.
+Must not: move messages or open client sockets (it only checks, once, that the MQTT port can be
+bound, so that a port in use is one clear error instead of workers failing in a loop).
 
-Must not: move messages.
+Invariants:
+- Children are started with `spawn` (no state forked from the parent), the relay first.
+- A child that exits while the node runs is restarted after a backoff that doubles up to 30 s and
+  resets once the child has lived 60 s; the log says which child, its pid and how it ended.
+- On SIGTERM/SIGINT workers get SIGTERM (they close listeners, send 5.0 clients DISCONNECT 0x8B
+  and keep sessions), then the relay; whatever still runs after the grace time gets SIGKILL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import multiprocessing
+import os
+import shutil
 import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 
 from broker.config import Config
-from broker.worker import Worker
+from broker.logs import configure_logging
+from broker.worker import worker_process
+from mesh.relay import RelaySettings
+from mesh.relay import run as run_relay_loop
+from mesh.sockets import default_ipc_dir, prepare_ipc_dir
 
 log = logging.getLogger("broker.supervisor")
 
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0
+
+
+@dataclass(slots=True)
+class _Child:
+    name: str
+    target: Callable[..., None]
+    args: tuple[object, ...]
+    process: BaseProcess | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+
+
+def relay_process(config: Config, ipc_dir: str) -> None:
+    configure_logging(config.logging, "relay")
+    run_relay_loop(
+        RelaySettings(
+            ipc_dir=ipc_dir,
+            worker_count=config.worker_count,
+            heartbeat_ms=config.mesh.heartbeat_ms,
+            recv_hwm=config.mesh.recv_hwm,
+            send_hwm=config.mesh.send_hwm,
+        )
+    )
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ctx = multiprocessing.get_context("spawn")
+        self.ipc_dir = prepare_ipc_dir(config.mesh.ipc_dir or default_ipc_dir(config.node_name, os.getpid()))
+        self.children: list[_Child] = [_Child("relay", relay_process, (config, self.ipc_dir))]
+        for index in range(1, config.worker_count + 1):
+            self.children.append(_Child(f"worker {index}", worker_process, (config, index, self.ipc_dir)))
+        self.stopping = False
+
+    def _start(self, child: _Child) -> None:
+        process = self.ctx.Process(
+            target=child.target, args=child.args, name=f"meshmq {child.name}", daemon=False
+        )
+        process.start()
+        child.process = process
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("%s started (pid %s)", child.name, process.pid)
+
+    def run(self) -> int:
+        for child in self.children:
+            self._start(child)
+        while not self.stopping:
+            sentinels = [c.process.sentinel for c in self.children if c.process is not None]
+            wait(sentinels, timeout=0.25)
+            now = time.monotonic()
+            for child in self.children:
+                process = child.process
+                if process is not None and not process.is_alive():
+                    self._exited(child, process, now)
+                restart_due = child.restart_at is not None and now >= child.restart_at
+                if child.process is None and restart_due and not self.stopping:
+                    self._start(child)
+        return self._drain()
+
+    def _exited(self, child: _Child, process: BaseProcess, now: float) -> None:
+        process.join(0)
+        code = process.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"code {code}"
+        child.process = None
+        if self.stopping:
+            return
+        if now - child.started_at > HEALTHY_AFTER_S:
+            child.backoff_s = BACKOFF_START_S
+        log.error(
+            "%s exited (pid %s, %s); restarting in %.1fs", child.name, process.pid, how, child.backoff_s
+        )
+        child.restart_at = now + child.backoff_s
+        child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def _drain(self) -> int:
+        grace_s = self.config.shutdown_grace_s
+        deadline = time.monotonic() + grace_s
+        workers = [c for c in self.children if c.name != "relay"]
+        relay = [c for c in self.children if c.name == "relay"]
+        for group in (workers, relay):
+            for child in group:
+                if child.process is not None and child.process.is_alive():
+                    os.kill(child.process.pid or 0, signal.SIGTERM)
+            for child in group:
+                if child.process is not None:
+                    child.process.join(max(deadline - time.monotonic(), 0.1))
+                    if child.process.is_alive():
+                        log.error("%s did not stop within %.1fs; killing it", child.name, grace_s)
+                        child.process.kill()
+                        child.process.join(1)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        log.info("node %r stopped", self.config.node_name)
+        return 0
+
+
+def check_port(config: Config) -> str | None:
+    """Can the MQTT ports be bound (with SO_REUSEPORT, as the workers will)? An error text if not."""
+    ports = [config.tcp_port] if config.tcp_port else []
+    if config.worker_port_base:
+        ports += [config.worker_port_base + i for i in range(1, config.worker_count + 1)]
+    family = socket.AF_INET6 if ":" in config.listen_address else socket.AF_INET
+    for port in ports:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind((config.listen_address, port))
+            except OSError as exc:
+                return f"cannot listen on {config.listen_address}:{port}: {exc.strerror}"
+    return None
+
 
 def run_node(config: Config) -> int:
-    if config.worker_count > 1:
-        log.warning(
-            "Workers: %d requested; this version runs one worker (multi-worker nodes come next)",
-            config.worker_count,
-        )
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        uvloop = None  # type: ignore[assignment]
-    runner = uvloop.run if uvloop is not None else asyncio.run
-    try:
-        runner(_main(config))
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    problem = check_port(config)
+    if problem is not None:
+        log.error("%s", problem)
         return 1
-    return 0
+    supervisor = Supervisor(config)
 
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("%s received: draining", signal.Signals(signum).name)
+        supervisor.stop()
 
-async def _main(config: Config) -> None:
-    worker = Worker(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, worker, sig)
-    log.info("MeshMQ node %r starting (pid %d)", config.node_name, __import__("os").getpid())
-    await worker.run_until_stopped()
-    log.info("MeshMQ node %r stopped", config.node_name)
-
-
-def _on_signal(worker: Worker, sig: signal.Signals) -> None:
-    log.info("%s received: draining", sig.name)
-    worker.stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "MeshMQ node %r starting (pid %d, %d worker(s), ipc %s)",
+        config.node_name,
+        os.getpid(),
+        config.worker_count,
+        supervisor.ipc_dir,
+    )
+    return supervisor.run()

@@ -11,19 +11,22 @@ takeover or a clean start releases.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.handlers.common import is_utf8, refuse_connect
+from broker.mesh_codec import session_from_wire
 from broker.protocol.codec import MAX_PACKET_BYTES
 from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError
-from broker.protocol.packets import Connack, Connect, Properties, ProtocolVersion
+from broker.protocol.packets import Connack, Connect, Properties, ProtocolVersion, Will
 from broker.protocol.reasons import Reason
 from broker.protocol.topics import validate_topic_name
 from broker.session import NEVER_EXPIRES_S, Session
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
+    from mesh.envelope import SessionWire
 
 log = logging.getLogger("broker.handlers.connect")
 
@@ -101,12 +104,6 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
         conn.client_topic_alias_maximum = props.topic_alias_maximum or 0
         conn.problem_information = props.request_problem_information != 0
 
-    session_present = _attach_session(core, conn, client_id, packet.clean_start, expiry, now)
-    session = conn.session
-    assert session is not None
-    session.will = will
-    session.will_at = None
-
     connack_props = Properties()
     if v5:
         connack_props = Properties(
@@ -124,57 +121,90 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
                 else None
             ),
         )
+    # The client id may be held elsewhere in the node: claim it, and answer CONNACK once it is
+    # ours (with the session the previous owner hands over). Packets that follow CONNECT wait.
+    pending = _Pending(client_id, packet.clean_start, expiry, will, connack_props)
+    conn.held = []
+    core.mesh.claim(
+        client_id,
+        packet.clean_start,
+        now,
+        lambda epoch, state, now: _claimed(core, conn, pending, epoch, state, now),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """What CONNECT decided, kept while the client id is being claimed."""
+
+    client_id: str
+    clean_start: bool
+    expiry_s: int
+    will: Will | None
+    connack_props: Properties
+
+
+def _claimed(
+    core: BrokerCore,
+    conn: ServerConnection,
+    pending: _Pending,
+    epoch: int,
+    state: SessionWire | None,
+    now: float,
+) -> None:
+    session_present = _attach_session(core, conn, pending, state, now)
+    session = conn.session
+    assert session is not None
+    session.epoch = epoch
+    session.will = pending.will
+    session.will_at = None
     conn.state = ConnectionState.CONNECTED
     core.connected_count += 1
+    if conn.link_lost:
+        # The client went away while we waited: its session is ours now, and ends or stays
+        # like that of any connection that drops.
+        core.connection_lost(conn, now)
+        return
+    if conn.closing:
+        return  # closed by us meanwhile (CONNECT timeout); connection_lost follows
     core.counters.connections_accepted += 1
-    conn.send(Connack(session_present, Reason.SUCCESS, connack_props))
+    conn.send(Connack(session_present, Reason.SUCCESS, pending.connack_props))
     log.info(
         "client %r connected from %s (%s, keep alive %ds, session present %s)",
-        client_id,
+        pending.client_id,
         conn.peer,
-        "5.0" if v5 else "3.1.1",
-        keepalive,
+        "5.0" if conn.version is V5 else "3.1.1",
+        conn.keepalive_s,
         session_present,
     )
     core.store.session_saved(session)
     if session_present:
         core.resume(session, conn, now)
+    core.release_held(conn, now)
 
 
 def _attach_session(
-    core: BrokerCore, conn: ServerConnection, client_id: str, clean_start: bool, expiry: int, now: float
+    core: BrokerCore, conn: ServerConnection, pending: _Pending, state: SessionWire | None, now: float
 ) -> bool:
-    """Bind the connection to a new or resumed session; returns Session Present [MQTT-3.2.2-2, -3]."""
+    """Bind the connection to a new, resumed or handed-over session; returns Session Present
+    [MQTT-3.2.2-2, -3]."""
+    client_id = pending.client_id
     session = core.sessions.get(client_id)
     if session is not None:
-        old = session.connection
-        if old is not None:
-            # Takeover [MQTT-3.1.4-3]: the old connection is closed with 0x8E. Its will goes out
-            # unless the session continues and the will was delayed [MQTT-3.1.3-9].
-            core.counters.sessions_taken_over += 1
-            log.info("client %r: session taken over by %s (was %s)", client_id, conn.peer, old.peer)
-            old.close("session taken over", Reason.SESSION_TAKEN_OVER)
-            old.session = None
-            core.connected_count -= 1
-            session.connection = None
-            will = session.will
-            if will is not None:
-                delayed = bool(will.properties.will_delay_interval_s)
-                if clean_start or not delayed:
-                    core.publish_will(session, now)
-                session.will = None
-        elif session.will_at is not None and clean_start:
-            core.publish_will(session, now)  # the old session ends, so its delayed will is due
-        session.will = None
-        session.will_at = None
-        if clean_start:
+        core.take_over(session, pending.clean_start, now)
+        if pending.clean_start:
             core.end_session(session, now)
             session = None
+    if session is None and state is not None and not pending.clean_start:
+        session, subscriptions = session_from_wire(client_id, state, core.worker_index, now)
+        core.sessions[client_id] = session
+        for key_filter, entry in subscriptions:
+            core.add_subscription(session, key_filter, entry)
     present = session is not None
     if session is None:
-        session = Session(client_id, expiry)
+        session = Session(client_id, pending.expiry_s)
         core.sessions[client_id] = session
-    session.expiry_interval_s = expiry
+    session.expiry_interval_s = pending.expiry_s
     session.expires_at = None
     session.connection = conn
     conn.session = session

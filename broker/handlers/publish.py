@@ -99,7 +99,6 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
     if message.retain:
         core.retain(message)
     delivered = core.publish(message, now)
-    core.mesh.forward(message)
     if qos:
         reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
         if qos == 1:

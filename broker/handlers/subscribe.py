@@ -34,6 +34,7 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
     sub_id = ids[0] if ids else None
     codes: list[int] = []
     owed: list[tuple[SubEntry, list[Message]]] = []
+    wait = False
     for sub in packet.subscriptions:
         try:
             validate_topic_filter(sub.topic_filter)
@@ -54,24 +55,43 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
             retain_handling=sub.retain_handling,
             subscription_id=sub_id,
             share_group=group,
+            worker=core.worker_index,
         )
-        is_new = core.add_subscription(session, sub.topic_filter, entry)
+        is_new, needs_barrier = core.add_subscription(session, sub.topic_filter, entry)
+        wait = wait or needs_barrier
         codes.append(granted)
-        # Retained messages: not for shared subscriptions [MQTT-3.8.4-?/4.8.2]; retain handling
+        # Retained messages: not for shared subscriptions [MQTT-4.8.2]; retain handling
         # 0 = always, 1 = only if new, 2 = never [MQTT-3.3.1-9, -10, -11].
         if group is None and (sub.retain_handling == 0 or (sub.retain_handling == 1 and is_new)):
             retained = core.retained_for(topic_filter, now)
             if retained:
                 owed.append((entry, retained))
-    conn.send(Suback(packet.packet_id, tuple(codes)))
-    core.store.session_saved(session)
-    for entry, messages in owed:
-        for message in messages:
-            if entry.no_local and message.origin == session.client_id:
-                continue
-            qos = entry.qos if entry.qos < message.qos else message.qos
-            # A retained message sent because of a new subscription has RETAIN set [MQTT-3.3.1-8].
-            core.deliver(session, message, qos, True, entry.subscription_ids, now)
+    suback = Suback(packet.packet_id, tuple(codes))
+
+    def finish(now: float) -> None:
+        conn.send(suback)
+        core.store.session_saved(session)
+        for entry, messages in owed:
+            for message in messages:
+                if entry.no_local and message.origin == session.client_id:
+                    continue
+                qos = entry.qos if entry.qos < message.qos else message.qos
+                # A retained message sent because of a new subscription has RETAIN set [MQTT-3.3.1-8].
+                core.deliver(session, message, qos, True, entry.subscription_ids, now)
+
+    if not wait:
+        finish(now)
+        return
+    # The subscription is in force for the whole node only once every other process knows of
+    # it; until then the SUBACK and whatever the client sends next wait.
+    conn.held = []
+
+    def finished(now: float) -> None:
+        if conn.session is session and not conn.closing:
+            finish(now)
+        core.release_held(conn, now)
+
+    core.mesh.barrier(now, finished)
 
 
 def handle_unsubscribe(core: BrokerCore, conn: ServerConnection, packet: Unsubscribe, now: float) -> None:

@@ -55,6 +55,10 @@ class Link(Protocol):
 
     def close(self) -> None: ...
 
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
 
 class ConnectionState(Enum):
     AWAITING_CONNECT = 1
@@ -75,9 +79,11 @@ class ServerConnection:
         "connected_at",
         "decoder",
         "dirty",
+        "held",
         "keepalive_s",
         "last_rx",
         "link",
+        "link_lost",
         "out",
         "out_dropped",
         "peer",
@@ -94,6 +100,7 @@ class ServerConnection:
     ) -> None:
         self.peer = peer
         self.link = link
+        self.link_lost = False  # the IO layer reported the socket gone while CONNECT was pending
         # The core's list of connections with output to write: joined on the first output, so
         # that one flush after a burst of work writes each connection once.
         self.dirty = dirty
@@ -103,6 +110,9 @@ class ServerConnection:
         self.client_id = ""
         self.session: Session | None = None
         self.out: list[bytes] = []
+        # Not None while the connection waits for the node (a session claim, a subscription
+        # barrier): packets that arrive meanwhile are held here, in order, and handled after.
+        self.held: list[Packet] | None = None
         self.closing = False
         self.close_reason: str | None = None
         self.write_paused = False

@@ -18,6 +18,7 @@ class FakeLink:
     def __init__(self) -> None:
         self.written = bytearray()
         self.closed = False
+        self.paused = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -25,6 +26,12 @@ class FakeLink:
 
     def close(self) -> None:
         self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
 
 class FakeClock:

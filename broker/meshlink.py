@@ -1,0 +1,606 @@
+"""A worker's end of the node's ZeroMQ mesh: the `MeshPort` the core talks to.
+
+Why: the core routes locally and tells this module what else must happen — offer a message to
+other processes, claim a client id, hand a session over, announce a shared member, wait until
+the other processes have caught up (a barrier) — and this module turns that into envelopes
+(`mesh/envelope.py`) on the sockets of `mesh/PROTOCOL.md`, and the envelopes that arrive back
+into core calls. It owns the worker's three sockets (XPUB, SUB, DEALER).
+
+Must not: interpret MQTT beyond the MQTT topic matcher's literal prefixes; decide delivery (the
+receiving core matches exactly); block the event loop (every socket operation is NOBLOCK; what
+cannot be sent waits in the outbox, FIFO, with the MQTT clients paused).
+
+Invariants:
+- Publishes go out in the order the core offered them, per topic; an envelope that may not be
+  dropped (any QoS 1/2 item, and every control envelope) is never dropped: it waits in the
+  outbox, and while the outbox is not empty every later envelope queues behind it.
+- The SUB socket is subscribed to exactly the literal prefixes of the worker's local
+  (non-shared) subscriptions, with a reference count per prefix.
+- A CONNECT's claim always completes: with the relay's answer and the previous owner's
+  hand-off, or, when either does not come in time, with a fresh session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import zmq
+
+from broker.config import Config
+from broker.mesh_codec import item_to_message, message_to_item
+from broker.messages import Message
+from broker.protocol.topics import literal_prefix
+from broker.session import SubEntry
+from mesh import envelope as env
+from mesh.envelope import CH_RETAINED, CH_SHARED, Item, SessionWire
+from mesh.errors import EnvelopeError
+from mesh.sockets import endpoint
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+
+log = logging.getLogger("broker.mesh")
+
+RECV_BATCH = 512  # envelopes handled per wake-up before yielding to the MQTT clients
+TIMER_S = 0.05
+CH_SYNC = b"\x00Y"  # upstream barrier marker (a subscription), see PROTOCOL.md, barriers
+
+
+@dataclass(slots=True)
+class _Claim:
+    client_id: str
+    clean_start: bool
+    done: Callable[[int, SessionWire | None, float], None]
+    deadline: float
+    epoch: int = -1  # set when the relay answered and a hand-off is awaited
+
+
+@dataclass(slots=True)
+class _Barrier:
+    token: bytes
+    done: Callable[[float], None]
+    deadline: float
+
+
+class WorkerMesh:
+    def __init__(self, config: Config, index: int, ipc_dir: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.index = index
+        self.origin = f"w{index}"
+        self.loop = loop
+        self.peers = config.worker_count - 1
+        mesh_cfg = config.mesh
+        self.handoff_timeout_s = mesh_cfg.handoff_timeout_ms / 1000
+        self.core: BrokerCore | None = None
+        self.seq = time.time_ns() // 1000  # increasing across restarts of this worker
+        self.incarnation = self.seq
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.XPUB_NODROP, 1)
+        self.pub.setsockopt(zmq.SNDHWM, mesh_cfg.send_hwm)
+        self.pub.bind(endpoint(ipc_dir, f"w{index}.pub"))
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, mesh_cfg.recv_hwm)
+        for other in range(1, config.worker_count + 1):
+            if other != index:
+                self.sub.connect(endpoint(ipc_dir, f"w{other}.pub"))
+        self.sub.connect(endpoint(ipc_dir, "relay.pub"))
+        self.inbox = env.inbox(index)
+        for channel in (self.inbox, CH_RETAINED, CH_SHARED):
+            self.sub.subscribe(channel)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.IDENTITY, self.origin.encode())
+        self.dealer.connect(endpoint(ipc_dir, "relay.ctl"))
+
+        self.local_prefixes: dict[str, int] = {}
+        self.remote_prefixes: set[str] = set()
+        self.interest_cache: dict[str, bool] = {}
+        self.batches: dict[str, list[Item]] = {}
+        self.outbox: deque[list[bytes]] = deque()
+        self.paused = False
+        self.req_id = 0
+        self.claims: dict[int, _Claim] = {}
+        self.awaiting_handoff: dict[str, _Claim] = {}
+        self.early_handoffs: dict[tuple[str, int], SessionWire | None] = {}
+        self.barriers: dict[int, _Barrier] = {}
+        self.sync_seen: dict[bytes, int] = {}  # token -> 1 (subscription seen) | 2 (envelope seen)
+        self.snapshot: asyncio.Future[None] | None = None
+        self.buffered: list[tuple[bytes, env.DataMessage]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._next_hb = 0.0
+        self._kicked = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def attach(self, core: BrokerCore) -> None:
+        self.core = core
+        loop = self.loop
+        loop.add_reader(_fd(self.sub), self._on_sub)
+        loop.add_reader(_fd(self.pub), self._on_pub)
+        loop.add_reader(_fd(self.dealer), self._on_dealer)
+        self._timer = loop.call_later(TIMER_S, self._on_timer)
+
+    async def join(self, timeout_s: float = 10.0) -> None:
+        """Say hello to the relay and load the retained messages and shared members (Clone)."""
+        self._control("hello", self.index, self.incarnation, os.getpid())
+        self.snapshot = self.loop.create_future()
+        self._control("snapshot")
+        try:
+            await asyncio.wait_for(self.snapshot, timeout_s)
+        except TimeoutError:
+            log.warning(
+                "worker %d: no snapshot from the relay within %.0fs; starting without", self.index, timeout_s
+            )
+            self._apply_buffered({})
+        self._kick()
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._control("bye", self.index)
+        for sock in (self.sub, self.pub, self.dealer):
+            with contextlib.suppress(zmq.ZMQError, ValueError):
+                self.loop.remove_reader(_fd(sock))
+            sock.close(0)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    # -- MeshPort: what the core asks -------------------------------------------------------------
+
+    def forward(self, message: Message) -> bool:
+        topic = message.topic
+        if message.retain:
+            # Every process keeps every retained message: the update goes to all of them, and
+            # each routes it to its own subscribers too.
+            item = message_to_item(message, self.loop.time())
+            self._flush_topic(topic)
+            self._send(CH_RETAINED, env.pack_publish_batch(self.origin, self._seq(), topic, (item,)), True)
+            return self._interested(topic)
+        if not self._interested(topic):
+            return False
+        batch = self.batches.get(topic)
+        item = message_to_item(message, self.loop.time())
+        if batch is None:
+            self.batches[topic] = [item]
+        else:
+            batch.append(item)
+        return True
+
+    def direct(
+        self, worker: int, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]
+    ) -> None:
+        item = message_to_item(message, self.loop.time())
+        data = env.pack_directed(
+            self.origin, self._seq(), client_id, qos, retain, sub_ids, message.topic, item
+        )
+        self._send(env.inbox(worker), data, qos > 0)
+
+    def claim(
+        self,
+        client_id: str,
+        clean_start: bool,
+        now: float,
+        done: Callable[[int, SessionWire | None, float], None],
+    ) -> None:
+        req = self._control("claim", client_id, clean_start)
+        self.claims[req] = _Claim(client_id, clean_start, done, now + self.handoff_timeout_s)
+
+    def handoff(self, worker: int, client_id: str, epoch: int, state: SessionWire | None) -> None:
+        self._send(
+            env.inbox(worker), env.pack_handoff(self.origin, self._seq(), client_id, epoch, state), True
+        )
+
+    def session_ended(self, client_id: str, epoch: int) -> None:
+        self._control("unregister", client_id, epoch)
+
+    def interest(self, topic_filter: str, delta: int) -> bool:
+        prefix = literal_prefix(topic_filter)
+        count = self.local_prefixes.get(prefix, 0) + delta
+        if count > 0:
+            self.local_prefixes[prefix] = count
+            if count == 1 and delta > 0:
+                self.sub.subscribe(prefix.encode())
+                return self.peers > 0
+            return False
+        self.local_prefixes.pop(prefix, None)
+        if delta < 0:
+            self.sub.unsubscribe(prefix.encode())
+        return False
+
+    def shared_changed(self, entry: SubEntry, joined: bool) -> None:
+        data = env.pack_shared_update(
+            self.origin,
+            self._seq(),
+            "+" if joined else "-",
+            entry.share_group or "",
+            entry.topic_filter,
+            entry.client_id,
+            entry.qos,
+            entry.subscription_id,
+        )
+        self._send(CH_SHARED, data, True)
+
+    def barrier(self, now: float, done: Callable[[float], None]) -> None:
+        if self.peers == 0:
+            done(now)
+            return
+        token = f"{self.index}.{self._seq()}".encode()
+        # Upstream: a subscription behind every earlier one on our SUB; downstream: an envelope
+        # behind every earlier one on our XPUB. A peer reports once it has seen both.
+        self.sub.subscribe(CH_SYNC + token)
+        self._send(CH_SHARED, env.pack_sync(self.origin, self._seq(), token), True)
+        req = self._control("sync", token.decode())
+        self.barriers[req] = _Barrier(token, done, now + self.handoff_timeout_s)
+
+    def flush(self) -> None:
+        if self.batches:
+            for topic in list(self.batches):
+                self._flush_topic(topic)
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    def _seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _flush_topic(self, topic: str) -> None:
+        items = self.batches.pop(topic, None)
+        if not items:
+            return
+        keep = False
+        for item in items:
+            if item[0]:
+                keep = True
+                break
+        self._send(topic.encode(), env.pack_publish_batch(self.origin, self._seq(), topic, items), keep)
+
+    def _send(self, channel: bytes, data: bytes, keep: bool) -> None:
+        """Send an envelope; at the high-water mark keep it in the outbox or drop and count it."""
+        core = self.core
+        if self.outbox:
+            if keep:
+                self.outbox.append([channel, data])
+            elif core is not None:
+                core.counters.mesh_dropped_qos0 += 1
+            return
+        try:
+            self.pub.send_multipart((channel, data), zmq.NOBLOCK)
+        except zmq.Again:
+            if not keep:
+                if core is not None:
+                    core.counters.mesh_dropped_qos0 += 1
+                return
+            self.outbox.append([channel, data])
+            self._pause()
+            return
+        if core is not None:
+            core.counters.mesh_envelopes_sent += 1
+
+    def _drain_outbox(self) -> None:
+        outbox = self.outbox
+        while outbox:
+            try:
+                self.pub.send_multipart(outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            outbox.popleft()
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self.paused and self.core is not None:
+            self.paused = True
+            log.warning("worker %d: mesh high-water mark reached; pausing MQTT reads", self.index)
+            self.core.pause_reading(True)
+
+    def _resume(self) -> None:
+        if self.paused and self.core is not None:
+            self.paused = False
+            log.info("worker %d: mesh drained; resuming MQTT reads", self.index)
+            self.core.pause_reading(False)
+
+    def _control(self, kind: str, *body: object) -> int:
+        self.req_id += 1
+        self.dealer.send(env.pack_control(kind, self.req_id, *body), zmq.NOBLOCK)
+        return self.req_id
+
+    # -- interest in a topic from other processes ------------------------------------------------
+
+    def _interested(self, topic: str) -> bool:
+        cached = self.interest_cache.get(topic)
+        if cached is not None:
+            return cached
+        found = False
+        for prefix in self.remote_prefixes:
+            if topic.startswith(prefix):
+                found = True
+                break
+        if len(self.interest_cache) > 16384:
+            self.interest_cache.clear()
+        self.interest_cache[topic] = found
+        return found
+
+    def _on_pub(self) -> None:
+        """Subscription changes of the other processes, and room to send again."""
+        pub = self.pub
+        while _events(pub) & zmq.POLLIN:
+            frame = pub.recv(zmq.NOBLOCK)
+            subscribe = frame[:1] == b"\x01"
+            topic = frame[1:]
+            if topic.startswith(b"\x00"):
+                if subscribe and topic.startswith(CH_SYNC):
+                    self._sync_seen(topic[len(CH_SYNC) :], 1)
+                continue
+            prefix = topic.decode("utf-8", "replace")
+            if subscribe:
+                self.remote_prefixes.add(prefix)
+            else:
+                self.remote_prefixes.discard(prefix)
+            self.interest_cache.clear()
+        if self.outbox:
+            self._drain_outbox()
+        self._kick()
+
+    def _sync_seen(self, token: bytes, flag: int) -> None:
+        seen = self.sync_seen.get(token, 0) | flag
+        if seen == 3:
+            self.sync_seen.pop(token, None)
+            self._control("seen", token.decode(), self.index)
+        else:
+            self.sync_seen[token] = seen
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def _on_sub(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        sub = self.sub
+        now = self.loop.time()
+        for _ in range(RECV_BATCH):
+            try:
+                channel, data = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except ValueError:
+                core.counters.mesh_bad_envelopes += 1
+                continue
+            core.counters.mesh_envelopes_received += 1
+            try:
+                message = env.unpack_data(data)
+            except EnvelopeError as exc:
+                core.counters.mesh_bad_envelopes += 1
+                log.warning("worker %d: bad envelope on %r dropped: %s", self.index, channel[:32], exc)
+                continue
+            try:
+                self._dispatch(channel, message, now)
+            except Exception:
+                log.exception("worker %d: envelope on %r failed", self.index, channel[:32])
+        core.flush()
+        self._kick()
+
+    def _dispatch(self, channel: bytes, message: env.DataMessage, now: float) -> None:
+        core = self.core
+        assert core is not None
+        if type(message) is env.PublishBatch:
+            topic = message.topic
+            if channel == CH_RETAINED:
+                if self.snapshot is not None and not self.snapshot.done():
+                    self.buffered.append((channel, message))
+                    return
+                for item in message.items:
+                    core.apply_remote_retained(item_to_message(topic, item, now), now)
+                return
+            route = core.route_local
+            for item in message.items:
+                route(item_to_message(topic, item, now), now)
+        elif channel[:2] == b"\x00W" and channel != self.inbox:
+            return  # another worker's inbox, seen through a subscription to every topic ("#")
+        elif type(message) is env.Directed:
+            core.deliver_directed(
+                message.client_id,
+                item_to_message(message.topic, message.item, now),
+                message.qos,
+                message.retain,
+                message.sub_ids,
+                now,
+            )
+        elif type(message) is env.SharedUpdate:
+            if self.snapshot is not None and not self.snapshot.done():
+                self.buffered.append((channel, message))
+                return
+            self._apply_shared(message)
+        elif type(message) is env.Handoff:
+            self._handoff_arrived(message.client_id, message.epoch, message.state, now)
+        elif type(message) is env.SyncMarker:
+            self._sync_seen(message.token, 2)
+
+    def _apply_shared(self, message: env.SharedUpdate) -> None:
+        core = self.core
+        assert core is not None
+        worker = _worker_of(message.origin)
+        if worker is None or worker == self.index:
+            return
+        entry = SubEntry(
+            client_id=message.client_id,
+            topic_filter=message.topic_filter,
+            qos=message.qos,
+            subscription_id=message.sub_id,
+            share_group=message.group,
+            worker=worker,
+        )
+        core.apply_shared_update(entry, message.op == "+")
+
+    def _on_dealer(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        dealer = self.dealer
+        now = self.loop.time()
+        while _events(dealer) & zmq.POLLIN:
+            frame = dealer.recv(zmq.NOBLOCK)
+            try:
+                control = env.unpack_control(frame)
+            except EnvelopeError as exc:
+                log.warning("worker %d: bad control frame dropped: %s", self.index, exc)
+                continue
+            try:
+                self._on_control(control, now)
+            except Exception:
+                log.exception("worker %d: control %r failed", self.index, control.kind)
+        core.flush()
+        self._kick()
+
+    def _on_control(self, control: env.Control, now: float) -> None:
+        core = self.core
+        assert core is not None
+        kind, body = control.kind, control.body
+        if kind == "claimed":
+            client_id, epoch, previous = body
+            claim = self.claims.pop(control.req_id, None)
+            if claim is None:
+                return
+            assert isinstance(epoch, int)
+            if previous is None or previous == self.index:
+                claim.done(epoch, None, now)
+                return
+            key = (claim.client_id, epoch)
+            if key in self.early_handoffs:
+                claim.done(epoch, self.early_handoffs.pop(key), now)
+                return
+            claim.epoch = epoch
+            claim.deadline = now + self.handoff_timeout_s
+            self.awaiting_handoff[claim.client_id] = claim
+        elif kind == "release":
+            client_id, epoch, new_index, clean_start = body
+            assert isinstance(client_id, str) and isinstance(epoch, int) and isinstance(new_index, int)
+            core.release(client_id, epoch, new_index, bool(clean_start), now)
+        elif kind == "synced":
+            barrier = self.barriers.pop(control.req_id, None)
+            if barrier is not None:
+                self._finish_barrier(barrier, now)
+        elif kind == "snap":
+            marks, retained, shared = body
+            self._apply_snapshot(marks, retained, shared, now)
+        elif kind == "dead":
+            (worker,) = body
+            assert isinstance(worker, int)
+            core.forget_worker(worker)
+
+    def _finish_barrier(self, barrier: _Barrier, now: float) -> None:
+        self.sub.unsubscribe(CH_SYNC + barrier.token)
+        barrier.done(now)
+
+    def _handoff_arrived(self, client_id: str, epoch: int, state: SessionWire | None, now: float) -> None:
+        claim = self.awaiting_handoff.get(client_id)
+        if claim is not None and claim.epoch == epoch:
+            del self.awaiting_handoff[client_id]
+            claim.done(epoch, state, now)
+        elif claim is None or claim.epoch < epoch:
+            # The relay's answer has not come yet: keep it for the claim (bounded).
+            if len(self.early_handoffs) > 10_000:
+                self.early_handoffs.clear()
+            self.early_handoffs[(client_id, epoch)] = state
+        # else: a hand-off for an older epoch: the race was lost, ignore it
+
+    def _apply_snapshot(self, marks: object, retained: object, shared: object, now: float) -> None:
+        core = self.core
+        assert core is not None
+        assert isinstance(marks, dict) and isinstance(retained, tuple) and isinstance(shared, tuple)
+        for topic, item in retained:
+            core.apply_remote_retained(item_to_message(topic, item, now), now, route=False)
+        for body in shared:
+            self._apply_shared(env.SharedUpdate(*body))
+        self._apply_buffered(marks)
+
+    def _apply_buffered(self, marks: dict[object, object]) -> None:
+        buffered, self.buffered = self.buffered, []
+        if self.snapshot is not None and not self.snapshot.done():
+            self.snapshot.set_result(None)
+        now = self.loop.time()
+        for channel, message in buffered:
+            mark = marks.get(message.origin, -1)
+            if isinstance(mark, int) and message.seq <= mark:
+                continue
+            self._dispatch(channel, message, now)
+
+    # -- timers ------------------------------------------------------------------------------------
+
+    def _on_timer(self) -> None:
+        now = self.loop.time()
+        core = self.core
+        try:
+            if now >= self._next_hb:
+                self._next_hb = now + self.config.mesh.heartbeat_ms / 1000
+                self._control("hb", self.index, self.incarnation)
+            for client_id, claim in list(self.awaiting_handoff.items()):
+                if now >= claim.deadline:
+                    del self.awaiting_handoff[client_id]
+                    log.warning(
+                        "worker %d: no hand-off of %r within %.1fs; starting a new session",
+                        self.index,
+                        client_id,
+                        self.handoff_timeout_s,
+                    )
+                    claim.done(claim.epoch, None, now)
+            for req, claim in list(self.claims.items()):
+                if now >= claim.deadline + self.handoff_timeout_s:
+                    del self.claims[req]
+                    log.error(
+                        "worker %d: the relay did not answer the claim of %r", self.index, claim.client_id
+                    )
+                    claim.done(0, None, now)
+            for req, barrier in list(self.barriers.items()):
+                if now >= barrier.deadline:
+                    del self.barriers[req]
+                    log.warning("worker %d: subscription barrier timed out", self.index)
+                    self._finish_barrier(barrier, now)
+            if self.outbox:
+                self._drain_outbox()
+            if core is not None:
+                core.flush()
+        except Exception:
+            log.exception("worker %d: mesh timer failed", self.index)
+        self._kick()
+        self._timer = self.loop.call_later(TIMER_S, self._on_timer)
+
+    def _kick(self) -> None:
+        """ZeroMQ's FD is edge-triggered: after any socket use, look again for pending input."""
+        if self._kicked:
+            return
+        if (
+            _events(self.sub) & zmq.POLLIN
+            or _events(self.dealer) & zmq.POLLIN
+            or _events(self.pub) & zmq.POLLIN
+        ):
+            self._kicked = True
+            self.loop.call_soon(self._on_kick)
+
+    def _on_kick(self) -> None:
+        self._kicked = False
+        self._on_dealer()
+        self._on_pub()
+        self._on_sub()
+
+
+def _fd(sock: zmq.Socket[bytes]) -> int:
+    return int(sock.getsockopt(zmq.FD))
+
+
+def _events(sock: zmq.Socket[bytes]) -> int:
+    return int(sock.getsockopt(zmq.EVENTS))
+
+
+def _worker_of(origin: str) -> int | None:
+    if origin.startswith("w") and origin[1:].isdigit():
+        return int(origin[1:])
+    return None

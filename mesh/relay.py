@@ -1,0 +1,324 @@
+"""The relay: the node's one process that knows the whole node.
+
+Why: some questions have one answer per node, not per worker — which worker holds client id X
+(and with which epoch), which workers are alive, what the retained messages and shared members
+are for a worker that just started — so one process answers them, over the control plane of
+`mesh/PROTOCOL.md`. It also counts the acknowledgements of subscription barriers. (The cluster
+issue adds its links to other nodes here.)
+
+Must not: import the broker; touch MQTT payloads beyond keeping retained items as opaque wire
+tuples; sit on the data path between workers (they talk to each other directly).
+
+Invariants:
+- Epochs only grow, also across relay restarts (they start from the clock in microseconds).
+- A client id maps to at most one worker; a claim always gets an answer; a `release` goes only
+  to a worker believed alive.
+- Snapshot marks say, per origin, the last update included, so a joining worker drops exactly
+  the buffered updates the snapshot already holds (Clone pattern).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from mesh import envelope as env
+from mesh.envelope import CH_RETAINED, CH_SHARED, Item
+from mesh.errors import EnvelopeError
+from mesh.sockets import endpoint
+
+log = logging.getLogger("mesh.relay")
+
+MISSED_BEATS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    ipc_dir: str
+    worker_count: int
+    heartbeat_ms: int = 1000
+    recv_hwm: int = 10_000
+    send_hwm: int = 10_000
+
+
+@dataclass(slots=True)
+class _Worker:
+    incarnation: int
+    last_seen: float
+
+
+@dataclass(slots=True)
+class _Sync:
+    identity: bytes
+    req_id: int
+    waiting: set[int]
+    deadline: float
+
+
+@dataclass(slots=True)
+class RelayState:
+    """Everything the relay knows, without sockets (so it can be tested alone)."""
+
+    workers: dict[int, _Worker] = field(default_factory=dict)
+    registry: dict[str, tuple[int, int]] = field(default_factory=dict)  # client id -> (worker, epoch)
+    epoch: int = field(default_factory=lambda: time.time_ns() // 1000)
+    retained: dict[str, tuple[Item, float]] = field(default_factory=dict)
+    shared: dict[tuple[str, str, int, str], env.SharedUpdate] = field(default_factory=dict)
+    marks: dict[str, int] = field(default_factory=dict)
+    syncs: dict[str, _Sync] = field(default_factory=dict)
+    early_seen: dict[str, set[int]] = field(default_factory=dict)
+
+    def alive(self, worker: int) -> bool:
+        return worker in self.workers
+
+    def claim(self, client_id: str, worker: int) -> tuple[int, int | None]:
+        """Give `client_id` to `worker`: (new epoch, previous holder if it must release)."""
+        self.epoch += 1
+        previous = self.registry.get(client_id)
+        self.registry[client_id] = (worker, self.epoch)
+        if previous is None:
+            return self.epoch, None
+        holder = previous[0]
+        if holder == worker or self.alive(holder):
+            return self.epoch, holder
+        return self.epoch, None
+
+    def unregister(self, client_id: str, epoch: int) -> None:
+        current = self.registry.get(client_id)
+        if current is not None and current[1] == epoch:
+            del self.registry[client_id]
+
+    def forget(self, worker: int) -> None:
+        """A worker died or left: its clients and shared members are gone."""
+        self.workers.pop(worker, None)
+        for client_id in [c for c, (w, _) in self.registry.items() if w == worker]:
+            del self.registry[client_id]
+        for key in [k for k in self.shared if k[2] == worker]:
+            del self.shared[key]
+        for sync in self.syncs.values():
+            sync.waiting.discard(worker)
+
+    def apply(self, channel: bytes, message: env.DataMessage, now: float) -> None:
+        if isinstance(message, env.PublishBatch) and channel == CH_RETAINED:
+            for item in message.items:
+                if item[2]:
+                    self.retained[message.topic] = (item, now)
+                else:
+                    self.retained.pop(message.topic, None)
+        elif isinstance(message, env.SharedUpdate):
+            worker = _worker_of(message.origin)
+            if worker is None:
+                return
+            key = (message.group, message.topic_filter, worker, message.client_id)
+            if message.op == "+":
+                self.shared[key] = message
+            else:
+                self.shared.pop(key, None)
+        else:
+            return
+        self.marks[message.origin] = message.seq
+
+    def snapshot(
+        self, now: float
+    ) -> tuple[dict[str, int], tuple[tuple[str, Item], ...], tuple[tuple[object, ...], ...]]:
+        retained: list[tuple[str, Item]] = []
+        for topic, (item, stored_at) in list(self.retained.items()):
+            expiry_ms = item[5]
+            if expiry_ms is not None:
+                left = expiry_ms - int((now - stored_at) * 1000)
+                if left <= 0:
+                    del self.retained[topic]
+                    continue
+                item = (*item[:5], left)
+            retained.append((topic, item))
+        shared = tuple(
+            (m.origin, m.seq, m.op, m.group, m.topic_filter, m.client_id, m.qos, m.sub_id)
+            for m in self.shared.values()
+        )
+        return dict(self.marks), tuple(retained), shared
+
+
+def _worker_of(origin: str) -> int | None:
+    if origin.startswith("w") and origin[1:].isdigit():
+        return int(origin[1:])
+    return None
+
+
+class Relay:
+    def __init__(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        self.state = RelayState()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.router.bind(endpoint(settings.ipc_dir, "relay.ctl"))
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(endpoint(settings.ipc_dir, "relay.pub"))
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, settings.recv_hwm)
+        for index in range(1, settings.worker_count + 1):
+            self.sub.connect(endpoint(settings.ipc_dir, f"w{index}.pub"))
+        self.sub.subscribe(CH_RETAINED)
+        self.sub.subscribe(CH_SHARED)
+        self.running = True
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.router, self.sub, self.pub):
+            poller.register(sock, zmq.POLLIN)
+        beat_s = self.settings.heartbeat_ms / 1000
+        next_check = time.monotonic() + beat_s
+        log.info("relay up (pid %d, %d workers)", os.getpid(), self.settings.worker_count)
+        while self.running:
+            ready = dict(poller.poll(timeout=int(beat_s * 1000 / 2)))
+            now = time.monotonic()
+            if self.router in ready:
+                self._drain_router(now)
+            if self.sub in ready:
+                self._drain_sub(now)
+            if self.pub in ready:
+                while self.pub.poll(0):
+                    self.pub.recv()  # subscription changes: nothing to do with them yet
+            if now >= next_check:
+                next_check = now + beat_s
+                self._check_liveness(now, beat_s)
+        for sock in (self.router, self.sub, self.pub):
+            sock.close(0)
+        log.info("relay stopped")
+
+    # -- control plane ---------------------------------------------------------------------------
+
+    def _reply(self, identity: bytes, kind: str, req_id: int, *body: object) -> None:
+        try:
+            self.router.send_multipart((identity, env.pack_control(kind, req_id, *body)), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("relay: cannot send %s to %r: %s", kind, identity, exc)
+
+    def _drain_router(self, now: float) -> None:
+        for _ in range(1024):
+            try:
+                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            try:
+                control = env.unpack_control(frame)
+            except EnvelopeError as exc:
+                log.warning("relay: bad control frame from %r dropped: %s", identity, exc)
+                continue
+            try:
+                self._on_control(identity, control, now)
+            except Exception:
+                log.exception("relay: control %r from %r failed", control.kind, identity)
+
+    def _on_control(self, identity: bytes, control: env.Control, now: float) -> None:
+        state = self.state
+        kind, body, req = control.kind, control.body, control.req_id
+        sender = _worker_of(identity.decode("ascii", "replace"))
+        if kind in ("hello", "hb"):
+            index, incarnation = body[0], body[1]
+            assert isinstance(index, int) and isinstance(incarnation, int)
+            known = state.workers.get(index)
+            if known is not None and known.incarnation != incarnation:
+                self._worker_gone(index, "restarted")
+            if known is None or known.incarnation != incarnation:
+                log.info("relay: worker %d joined (incarnation %d)", index, incarnation)
+                state.workers[index] = _Worker(incarnation, now)
+            else:
+                known.last_seen = now
+        elif kind == "bye":
+            (index,) = body
+            assert isinstance(index, int)
+            self._worker_gone(index, "left")
+        elif kind == "claim" and sender is not None:
+            client_id, clean_start = body
+            assert isinstance(client_id, str)
+            epoch, holder = state.claim(client_id, sender)
+            self._reply(identity, "claimed", req, client_id, epoch, holder)
+            if holder is not None and holder != sender:
+                self._reply(f"w{holder}".encode(), "release", 0, client_id, epoch, sender, bool(clean_start))
+        elif kind == "unregister":
+            client_id, ended_epoch = body
+            assert isinstance(client_id, str) and isinstance(ended_epoch, int)
+            state.unregister(client_id, ended_epoch)
+        elif kind == "snapshot":
+            marks, retained, shared = state.snapshot(now)
+            self._reply(identity, "snap", req, marks, retained, shared)
+        elif kind == "sync" and sender is not None:
+            (token,) = body
+            assert isinstance(token, str)
+            waiting = set(state.workers) - {sender} - state.early_seen.pop(token, set())
+            if not waiting:
+                self._reply(identity, "synced", req, token)
+            else:
+                state.syncs[token] = _Sync(identity, req, waiting, now + 2.0)
+        elif kind == "seen":
+            token, index = body
+            assert isinstance(token, str) and isinstance(index, int)
+            sync = state.syncs.get(token)
+            if sync is None:
+                state.early_seen.setdefault(token, set()).add(index)
+                if len(state.early_seen) > 10_000:
+                    state.early_seen.clear()
+                return
+            sync.waiting.discard(index)
+            self._complete_syncs()
+
+    def _complete_syncs(self, now: float | None = None) -> None:
+        for token, sync in list(self.state.syncs.items()):
+            if not sync.waiting or (now is not None and now >= sync.deadline):
+                if sync.waiting:
+                    log.warning("relay: barrier %s completed without workers %s", token, sorted(sync.waiting))
+                del self.state.syncs[token]
+                self._reply(sync.identity, "synced", sync.req_id, token)
+
+    def _worker_gone(self, index: int, why: str) -> None:
+        if index not in self.state.workers:
+            return
+        log.warning("relay: worker %d %s; forgetting its clients and shared members", index, why)
+        self.state.forget(index)
+        for other in self.state.workers:
+            self._reply(f"w{other}".encode(), "dead", 0, index)
+        self._complete_syncs()
+
+    def _check_liveness(self, now: float, beat_s: float) -> None:
+        for index, worker in list(self.state.workers.items()):
+            if now - worker.last_seen > MISSED_BEATS * beat_s:
+                self._worker_gone(index, f"missed {MISSED_BEATS} heartbeats")
+        self._complete_syncs(now)
+
+    # -- data plane (retained, shared members) ---------------------------------------------------
+
+    def _drain_sub(self, now: float) -> None:
+        for _ in range(1024):
+            try:
+                channel, data = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            try:
+                self.state.apply(channel, env.unpack_data(data), now)
+            except EnvelopeError as exc:
+                log.warning("relay: bad envelope on %r dropped: %s", channel[:32], exc)
+
+
+def run(settings: RelaySettings) -> None:
+    """The relay process's main: serve until SIGTERM or SIGINT."""
+    relay = Relay(settings)
+
+    def stop(signum: int, frame: object) -> None:
+        relay.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    relay.serve()
