@@ -280,8 +280,9 @@ def test_channels() -> None:
     assert CH_RETAINED == b"\x00R"
     assert CH_SHARED == b"\x00S"
     assert CH_SYNC == b"\x00Y"
-    assert inbox(0) == b"\x00W0"
-    assert inbox(12) == b"\x00W12"
+    assert inbox(0) == b"\x00W0/"
+    assert inbox(12) == b"\x00W12/"
+    assert not inbox(12).startswith(inbox(1))  # ZeroMQ prefix matching keeps inboxes apart
     assert VERSION == 1
 
 
