@@ -454,11 +454,13 @@ class BrokerCore:
             self.counters.messages_no_subscribers += 1
         return bool(local) or remote
 
-    def route_local(self, message: Message, now: float) -> int:
+    def route_local(self, message: Message, now: float, pick_shared: bool = True) -> int:
         """Deliver to the matching sessions of this worker; returns how many got it.
 
-        Shared groups are picked from the members of the whole node; a member on another
-        worker gets the message through the mesh.
+        Shared groups are picked from the members of the whole node, by the worker where the
+        message was published only (`pick_shared`); a member on another worker gets the message
+        through the mesh. A message that arrives from another worker is routed with
+        `pick_shared=False`: its publisher already picked.
         """
         normal, shared = self._resolve(message.topic)
         sessions = self.sessions
@@ -491,6 +493,8 @@ class BrokerCore:
                 rap = any(e.retain_as_published for e in usable)
                 deliver(session, message, best if best < qos else qos, message.retain and rap, ids, now)
             count += 1
+        if not pick_shared:
+            return count
         me = self.worker_index
         for group_key, members in shared:
             chosen = self.shared_choice.pick(
@@ -640,7 +644,7 @@ class BrokerCore:
         else:
             self.retained.set(message.topic, message)
         if route:
-            self.route_local(message, now)
+            self.route_local(message, now, pick_shared=False)
 
     def retained_for(self, topic_filter: str, now: float) -> list[Message]:
         out = []

@@ -402,7 +402,7 @@ class WorkerMesh:
                 return
             route = core.route_local
             for item in message.items:
-                route(item_to_message(topic, item, now), now)
+                route(item_to_message(topic, item, now), now, False)
         elif channel[:2] == b"\x00W" and channel != self.inbox:
             return  # another worker's inbox, seen through a subscription to every topic ("#")
         elif type(message) is env.Directed:
