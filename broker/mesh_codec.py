@@ -58,15 +58,16 @@ def message_to_item(message: Message, now: float) -> Item:
         message.origin,
         None if props is NO_PROPERTIES else props_to_wire(props),
         expiry_ms,
+        message.msg_id,
     )
 
 
 def item_to_message(topic: str, item: Item, now: float) -> Message:
-    qos, retain, payload, origin, props, expiry_ms = item
+    qos, retain, payload, origin, props, expiry_ms, msg_id = item
     properties = NO_PROPERTIES if props is None else props_from_wire(props)
     # The Message Expiry Interval itself is recomputed on delivery from expires_at [MQTT-3.3.2-6].
     expires_at = None if expiry_ms is None else now + expiry_ms / 1000
-    return Message(topic, payload, qos, retain, properties, origin, expires_at)
+    return Message(topic, payload, qos, retain, properties, origin, expires_at, msg_id)
 
 
 def _sub_to_wire(

@@ -23,6 +23,7 @@ class Message:
         "encoded_key",
         "encoded_parts",
         "expires_at",
+        "msg_id",
         "origin",
         "payload",
         "properties",
@@ -40,6 +41,7 @@ class Message:
         properties: Properties = NO_PROPERTIES,
         origin: str = "",
         expires_at: float | None = None,
+        msg_id: int = 0,
     ) -> None:
         self.topic = topic
         self.payload = payload
@@ -48,6 +50,8 @@ class Message:
         self.properties = properties
         self.origin = origin
         self.expires_at = expires_at
+        # 0, or the id under which the store keeps this message's queue rows (durable QoS 1/2)
+        self.msg_id = msg_id
         # The encoded PUBLISH as (head, tail) by shape (see ServerConnection.publish_bytes): the
         # first shape in two slots, which is all a message delivered once or to alike clients
         # needs; further shapes in a dict made only when needed.

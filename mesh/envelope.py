@@ -83,8 +83,8 @@ _CH_INBOX: Final = b"\x00W"
 # produces and consumes directly: building a dataclass per item would double the hot-path cost.
 # props: [payload_format, content_type, response_topic, correlation_data, user_properties]
 Props: TypeAlias = tuple[int | None, str | None, str | None, bytes | None, tuple[tuple[str, str], ...]]
-# item: [qos, retain, payload, client_id, props, expiry_ms]
-Item: TypeAlias = tuple[int, bool, bytes, str, Props | None, int | None]
+# item: [qos, retain, payload, client_id, props, expiry_ms, msg_id]
+Item: TypeAlias = tuple[int, bool, bytes, str, Props | None, int | None, int]
 # [key_filter, topic_filter, qos, no_local, rap, rh, sub_id, group]
 SubscriptionWire: TypeAlias = tuple[str, str, int, bool, bool, int, int | None, str | None]
 # [packet_id, state, qos, retain, sub_ids, topic, item]; state 1 = awaiting PUBACK,
@@ -414,14 +414,17 @@ def _check_props(props: tuple[object, ...]) -> None:
 
 
 def _check_item(item: object) -> Item:
-    """One application message: `[qos, retain, payload, client_id, props, expiry_ms]`.
+    """One application message: `[qos, retain, payload, client_id, props, expiry_ms, msg_id]`.
 
     `expiry_ms` may be zero or negative (the message expired on the way; the receiver drops it),
-    so that a sender never has to clamp.
+    so that a sender never has to clamp. `msg_id` is 0, or the node-unique id under which the
+    store keeps the message's queue rows (acknowledged by it).
     """
-    if type(item) is not tuple or len(item) != 6:
-        raise _bad("item", "[qos, retain, payload, client_id, props, expiry_ms]", item)
-    qos, retain, payload, client_id, props, expiry_ms = item
+    if type(item) is not tuple or len(item) != 7:
+        raise _bad("item", "[qos, retain, payload, client_id, props, expiry_ms, msg_id]", item)
+    qos, retain, payload, client_id, props, expiry_ms, msg_id = item
+    if type(msg_id) is not int or msg_id < 0:
+        raise _bad("item.msg_id", "an unsigned integer", msg_id)
     if type(qos) is not int or not 0 <= qos <= 2:  # [MQTT-3.3.1-4]
         raise _bad("item.qos", "a QoS of 0, 1 or 2 [MQTT-3.3.1-4]", qos)
     if type(retain) is not bool:

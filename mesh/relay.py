@@ -134,7 +134,7 @@ class RelayState:
                 if left <= 0:
                     del self.retained[topic]
                     continue
-                item = (*item[:5], left)
+                item = (*item[:5], left, item[6])
             retained.append((topic, item))
         shared = tuple(
             (m.origin, m.seq, m.op, m.group, m.topic_filter, m.client_id, m.qos, m.sub_id)

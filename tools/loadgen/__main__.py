@@ -1,6 +1,8 @@
 """Command line: run scenarios against a broker that is already listening.
 
 Why: to measure one broker by hand (or profile it) without `tools.bench` starting anything.
+`--pub-port` / `--sub-port` put publishers and subscribers on other ports than `--port`, e.g.
+on chosen workers of a MeshMQ node that has `WorkerPortBase` set (worker i on base + i).
 Must not: start, stop or signal the broker; `--broker-pid` is only read from /proc.
 """
 
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.loadgen", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pub-port", type=int, default=None, help="publishers' port (default: --port)")
+    parser.add_argument("--sub-port", type=int, default=None, help="subscribers' port (default: --port)")
     parser.add_argument("--scenarios", type=parse_scenarios, default=list(SCENARIOS))
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per scenario")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before the window")
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_concurrency=args.idle_concurrency,
         publisher_procs=args.publisher_procs,
         subscriber_procs=args.subscriber_procs,
+        pub_port=args.pub_port,
+        sub_port=args.sub_port,
     )
     failed = False
     for scenario in args.scenarios:

@@ -55,6 +55,7 @@ class RunOutcome:
     generator_cpu_s: float  # all worker processes, over the window
     generator_max_proc_cpu_s: float  # the busiest worker process, over the window
     worker_cpu_s: tuple[tuple[str, float], ...] = ()  # (worker name, CPU s over the window)
+    broker_proc_cpu_s: tuple[tuple[int, float], ...] = ()  # (pid, CPU s over the window), broker tree
 
     @property
     def ok(self) -> bool:
@@ -173,6 +174,12 @@ def run(stages: Sequence[Sequence[WorkerSpec]], timing: Timing, broker_pid: int 
         def cpu(root: int) -> float:
             return procstat.cpu_s_between(first[root], last[root])
 
+        def per_proc(root: int) -> tuple[tuple[int, float], ...]:
+            return tuple(
+                (proc.pid, procstat.cpu_s_between(first[root], procstat.TreeSample((proc,))))
+                for proc in last[root].procs
+            )
+
         per_worker = tuple((w.spec.name, cpu(w.process.pid)) for w in workers if w.process.pid is not None)
         generator = [cpu_s for _name, cpu_s in per_worker]
         return RunOutcome(
@@ -185,6 +192,7 @@ def run(stages: Sequence[Sequence[WorkerSpec]], timing: Timing, broker_pid: int 
             generator_cpu_s=sum(generator),
             generator_max_proc_cpu_s=max(generator, default=0.0),
             worker_cpu_s=per_worker,
+            broker_proc_cpu_s=per_proc(broker_pid) if broker_pid is not None else (),
         )
     finally:
         _finish(workers)

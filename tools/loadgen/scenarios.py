@@ -10,6 +10,12 @@ and nowhere else, so MeshMQ and mosquitto are measured by the same code.
   latency           1 publisher at 1,000 msg/s -> 1 subscriber, QoS 0, time-stamped payloads
   idle-connections  5,000 connections (CONNECT, CONNACK, keepalive 600 s), then idle
 
+Where clients connect: publishers to `Params.pub_port`, subscribers to `Params.sub_port`, each
+defaulting to the broker's port given to `run_scenario`. A broker that listens on one port per
+worker (MeshMQ's `WorkerPortBase`) thus gets its publishers and subscribers placed on chosen
+workers, which is how `tools.bench` measures same-worker against cross-worker delivery.
+Idle connections always use the broker's port.
+
 Must not: start or stop brokers (that is `tools.bench`), or print.
 
 Invariants:
@@ -18,6 +24,8 @@ Invariants:
   delivery counted (times the number of subscribers of the topic).
 - "broker CPU µs/msg" divides the broker tree's CPU time over the window by the deliveries
   counted over the same window; a run whose workers failed reports its errors and no metrics.
+- `ScenarioResult.broker_cpu_pct_by_pid` splits the same CPU time by process of the broker's
+  tree (supervisor, relay, workers), over the same window.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class Params:
     subscriber_procs: int = 1
     idle_procs: int = 2
     max_messages: int = 50_000_000  # per publishing connection
+    pub_port: int | None = None  # publishers connect here; None: the broker's port
+    sub_port: int | None = None  # subscribers connect here; None: the broker's port
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +82,7 @@ class ScenarioResult:
     metrics: tuple[Metric, ...]
     errors: tuple[str, ...]  # run errors (no metrics) and client errors (metrics may be partial)
     notes: tuple[str, ...] = ()  # diagnostics: CPU of each generator process
+    broker_cpu_pct_by_pid: tuple[tuple[int, float], ...] = ()  # (pid, % of one core) over the window
 
     @property
     def ok(self) -> bool:
@@ -259,11 +270,13 @@ def _idle_metrics(outcome: runner.RunOutcome) -> list[Metric]:
 def stages_for(scenario: str, host: str, port: int, params: Params) -> list[list[WorkerSpec]]:
     """Worker specs of a scenario, subscribers' stage first."""
     pub_procs, sub_procs = params.publisher_procs, params.subscriber_procs
+    pub_port = params.pub_port or port
+    sub_port = params.sub_port or port
     if scenario == "fan-in":
         topics = [f"bench/in/{i}" for i in range(params.fan_in_publishers)]
         return [
-            _specs(scenario, RoleKind.SUBSCRIBE_COUNT, ["bench/in/+"], 1, params, host, port),
-            _specs(scenario, RoleKind.PUBLISH_QOS0, topics, pub_procs, params, host, port),
+            _specs(scenario, RoleKind.SUBSCRIBE_COUNT, ["bench/in/+"], 1, params, host, sub_port),
+            _specs(scenario, RoleKind.PUBLISH_QOS0, topics, pub_procs, params, host, pub_port),
         ]
     if scenario == "fan-out":
         return [
@@ -274,20 +287,20 @@ def stages_for(scenario: str, host: str, port: int, params: Params) -> list[list
                 sub_procs,
                 params,
                 host,
-                port,
+                sub_port,
             ),
-            _specs(scenario, RoleKind.PUBLISH_QOS0, ["bench/out"], 1, params, host, port),
+            _specs(scenario, RoleKind.PUBLISH_QOS0, ["bench/out"], 1, params, host, pub_port),
         ]
     if scenario == "qos1-pairs":
         topics = [f"bench/q1/{i}" for i in range(params.qos1_pairs)]
         return [
-            _specs(scenario, RoleKind.SUBSCRIBE_QOS1, topics, sub_procs, params, host, port, qos=1),
-            _specs(scenario, RoleKind.PUBLISH_QOS1, topics, pub_procs, params, host, port, qos=1),
+            _specs(scenario, RoleKind.SUBSCRIBE_QOS1, topics, sub_procs, params, host, sub_port, qos=1),
+            _specs(scenario, RoleKind.PUBLISH_QOS1, topics, pub_procs, params, host, pub_port, qos=1),
         ]
     if scenario == "latency":
         return [
-            _specs(scenario, RoleKind.SUBSCRIBE_LATENCY, ["bench/lat"], 1, params, host, port),
-            _specs(scenario, RoleKind.PUBLISH_PACED, ["bench/lat"], 1, params, host, port),
+            _specs(scenario, RoleKind.SUBSCRIBE_LATENCY, ["bench/lat"], 1, params, host, sub_port),
+            _specs(scenario, RoleKind.PUBLISH_PACED, ["bench/lat"], 1, params, host, pub_port),
         ]
     if scenario == "idle-connections":
         procs = max(1, params.idle_procs)
@@ -345,4 +358,5 @@ def run_scenario(
     client_errors = tuple(dict.fromkeys(e for _spec, r in outcome.results for e in r.errors))
     window_s = outcome.window_s or 1.0
     notes = tuple(f"{name}: {100 * cpu_s / window_s:.0f}% CPU" for name, cpu_s in outcome.worker_cpu_s)
-    return ScenarioResult(scenario, tuple(metrics), client_errors, notes)
+    by_pid = tuple((pid, 100.0 * cpu_s / window_s) for pid, cpu_s in outcome.broker_proc_cpu_s)
+    return ScenarioResult(scenario, tuple(metrics), client_errors, notes, by_pid)

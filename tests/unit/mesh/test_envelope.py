@@ -78,6 +78,7 @@ items: st.SearchStrategy[Item] = st.tuples(
     texts,
     st.none() | props,
     st.none() | st.integers(-(2**63), U64),
+    st.integers(0, U64),
 )
 subscriptions: st.SearchStrategy[SubscriptionWire] = st.tuples(
     topics,
@@ -213,7 +214,7 @@ def assert_rejected(envelope: bytes, *words: str) -> EnvelopeError:
     return info.value
 
 
-ITEM: Item = (1, False, b"payload", "pub", None, None)
+ITEM: Item = (1, False, b"payload", "pub", None, None, 0)
 PROPS: Props = (1, "text/plain", "reply/to", b"corr", (("k", "v"), ("k", "v2")))
 SESSION = SessionWire(
     expiry_s=3600,
@@ -247,9 +248,9 @@ def test_data_layout_is_the_protocol_md_array(msg: DataMessage) -> None:
 def test_examples_round_trip() -> None:
     for msg in (
         PublishBatch(
-            "w1", 0, "a/b", (ITEM, (0, True, b"", "", PROPS, 60_000), (2, False, b"\x00", "c", None, -5))
+            "w1", 0, "a/b", (ITEM, (0, True, b"", "", PROPS, 60_000, 7), (2, False, b"\x00", "c", None, -5, 2**63))
         ),
-        Directed("w2", U64, "sub", 1, True, (1, MAX_SUB_ID), "a/b", (1, True, b"x", "pub", PROPS, 0)),
+        Directed("w2", U64, "sub", 1, True, (1, MAX_SUB_ID), "a/b", (1, True, b"x", "pub", PROPS, 0, 1)),
         SharedUpdate("w3", 4, "+", "grp", "a/#", "c1", 2, None),
         SharedUpdate("w3", 5, "-", "grp", "a/#", "c1", 0, 9),
         Handoff("w1", 6, "c1", 42, None),
@@ -260,9 +261,9 @@ def test_examples_round_trip() -> None:
 
 
 def test_bytes_are_exactly_the_protocol() -> None:
-    # [1, "P", "w1", 0, "a", [[0, false, bin "x", "c", nil, nil]]]
-    assert pack_publish_batch("w1", 0, "a", [(0, False, b"x", "c", None, None)]) == (
-        b"\x96\x01\xa1P\xa2w1\x00\xa1a\x91\x96\x00\xc2\xc4\x01x\xa1c\xc0\xc0"
+    # [1, "P", "w1", 0, "a", [[0, false, bin "x", "c", nil, nil, 0]]]
+    assert pack_publish_batch("w1", 0, "a", [(0, False, b"x", "c", None, None, 0)]) == (
+        b"\x96\x01\xa1P\xa2w1\x00\xa1a\x91\x97\x00\xc2\xc4\x01x\xa1c\xc0\xc0\x00"
     )
     # [1, "hb", 7, 2, 10]
     assert pack_control("hb", 7, 2, 10) == b"\x95\x01\xa2hb\x07\x02\x0a"
@@ -482,6 +483,9 @@ BAD_ITEM_FIELDS: list[tuple[int, object, str]] = [
     (5, 1.5, "expiry_ms"),
     (5, "60", "expiry_ms"),
     (5, False, "expiry_ms"),
+    (6, -1, "msg_id"),
+    (6, None, "msg_id"),
+    (6, True, "msg_id"),
 ]
 
 
@@ -628,7 +632,7 @@ def test_huge_and_negative_integers_anywhere() -> None:
 
 
 def test_message_names_the_bad_item_and_is_bounded() -> None:
-    error = assert_rejected(raw(1, "P", "w1", 1, "t", [ITEM, ITEM, [1, False, "x" * 10_000, "", None, None]]))
+    error = assert_rejected(raw(1, "P", "w1", 1, "t", [ITEM, ITEM, [1, False, "x" * 10_000, "", None, None, 0]]))
     text = str(error)
     assert text.startswith("'P' envelope: items[2]: item.payload: expected binary")
     assert len(text) < 300
@@ -646,7 +650,7 @@ def test_pack_rejects_what_msgpack_cannot_carry() -> None:
     with pytest.raises(EnvelopeError, match="cannot pack"):
         pack_publish_batch("w1", 1, "t\ud800", [ITEM])  # a lone surrogate is not UTF-8
     with pytest.raises(EnvelopeError, match="cannot pack"):
-        pack_publish_batch("w1", 1, "t", [(1, False, object(), "c", None, None)])  # type: ignore[list-item]
+        pack_publish_batch("w1", 1, "t", [(1, False, object(), "c", None, None, 0)])  # type: ignore[list-item]
     with pytest.raises(EnvelopeError, match="cannot pack"):
         pack_directed("w1", 1, "c", 1, False, (), "t", (1, False, b"", "c", None, -(2**64)))
     with pytest.raises(EnvelopeError, match="cannot pack"):
