@@ -196,10 +196,11 @@ class BrokerCore:
             self.schedule_will(session, now)
         if session.expiry_interval_s == 0:
             self.end_session(session, now)
-        elif session.expiry_interval_s != NEVER_EXPIRES_S:
-            session.expires_at = now + session.expiry_interval_s
-            self._add_timer(session.expires_at, session.client_id, "expiry")
-        self.store.session_saved(session)
+        else:
+            if session.expiry_interval_s != NEVER_EXPIRES_S:
+                session.expires_at = now + session.expiry_interval_s
+                self._add_timer(session.expires_at, session.client_id, "expiry")
+            self.store.session_online(session, False)
 
     def shutdown(self) -> None:
         """Drain: tell 5.0 clients the server is shutting down [MQTT-4.13 / 0x8B] and close all."""
@@ -212,6 +213,7 @@ class BrokerCore:
     def flush(self) -> None:
         """Write every connection's pending output once, and close those that asked for it."""
         self.mesh.flush()
+        self.store.flush()
         dirty = self.dirty
         if not dirty:
             return
@@ -560,16 +562,24 @@ class BrokerCore:
         """Give the item a packet id and send it; False if it cannot go (too large or expired)."""
         if item.message.expired(now):
             self.counters.messages_dropped_expired += 1
+            self.done_with(session, item)
             return False
         pid = session.allocate_packet_id()
         data = conn.publish_bytes(item.message, item.qos, item.retain, item.subscription_ids, pid, False, now)
         if data is None:
             self.counters.messages_dropped_too_large += 1
+            self.done_with(session, item)
             return False
         session.inflight[pid] = item
         conn.push(data)
         self.counters.messages_sent += 1
         return True
+
+    def done_with(self, session: Session, item: Outgoing) -> None:
+        """A QoS 1/2 delivery is over (acknowledged, or dropped): its queue row can go."""
+        msg_id = item.message.msg_id
+        if msg_id and session.stored:
+            self.store.ack(session.client_id, msg_id)
 
     def pump(self, session: Session, now: float) -> None:
         """Move queued messages into the in-flight window while there is room."""
@@ -594,6 +604,7 @@ class BrokerCore:
             if item.message.expired(now):
                 del session.inflight[pid]
                 self.counters.messages_dropped_expired += 1
+                self.done_with(session, item)
                 continue
             data = conn.publish_bytes(
                 item.message, item.qos, item.retain, item.subscription_ids, pid, True, now
@@ -601,6 +612,7 @@ class BrokerCore:
             if data is None:
                 del session.inflight[pid]
                 self.counters.messages_dropped_too_large += 1
+                self.done_with(session, item)
                 continue
             conn.push(data)
         self.pump(session, now)
@@ -622,10 +634,13 @@ class BrokerCore:
 
     # -- retained -------------------------------------------------------------------------------
 
-    def retain(self, message: Message) -> None:
-        """Store, replace or clear (empty payload) the retained message of a topic [MQTT-3.3.1-5..7]."""
+    def retain(self, message: Message, persist: bool = True) -> None:
+        """Store, replace or clear (empty payload) the retained message of a topic [MQTT-3.3.1-5..7].
+
+        `persist=False` when the caller already made the change durable (a QoS 1/2 publish).
+        """
         if not message.payload:
-            if self.retained.discard(message.topic):
+            if self.retained.discard(message.topic) and persist:
                 self.store.retained_changed(message.topic, None)
             return
         if (
@@ -635,7 +650,8 @@ class BrokerCore:
             log.warning("retained store full (%d), not retaining %r", len(self.retained), message.topic)
             return
         self.retained.set(message.topic, message)
-        self.store.retained_changed(message.topic, message)
+        if persist:
+            self.store.retained_changed(message.topic, message)
 
     def apply_remote_retained(self, message: Message, now: float, route: bool = True) -> None:
         """A retained publish made on another worker: keep our copy and deliver it here."""

@@ -15,21 +15,51 @@ from collections.abc import Callable
 from typing import Protocol
 
 from broker.messages import Message
-from broker.session import Session, SubEntry
+from broker.session import Outgoing, Session, SubEntry
+from store.records import QueuedRecord, SessionRecord
+from store.wire import QueuedTuple
 from mesh.envelope import SessionWire
 
 
 class SessionStore(Protocol):
-    """Where session state goes to outlive the worker (the store process, later)."""
+    """Where session state and durable messages go to outlive the worker (the store process).
+
+    `enabled` is False for the in-memory store: then nothing is durable and nothing waits.
+    """
+
+    enabled: bool
 
     def session_saved(self, session: Session) -> None:
-        """A session's durable part changed: subscriptions, expiry, will."""
+        """A session's durable part changed: subscriptions, expiry, will, online."""
 
     def session_removed(self, client_id: str) -> None:
         """A session ended (clean start, expiry) and its state can go."""
 
+    def session_online(self, session: Session, online: bool) -> None:
+        """The session's client connected or went away."""
+
     def retained_changed(self, topic: str, message: Message | None) -> None:
-        """A retained message was set (message) or cleared (None)."""
+        """A retained message was set (message) or cleared (None), without waiting."""
+
+    def durable_targets(self, message: Message) -> list[QueuedTuple]:
+        """The queue rows a QoS 1/2 message needs (one per matching persistent session)."""
+
+    def persist(self, message: Message, rows: list[QueuedTuple], retained: bool, may_refuse: bool,
+                done: Callable[[bool, float], None]) -> None:
+        """Make rows and the retained change durable; done(ok, now) once committed (or refused)."""
+
+    def ack(self, client_id: str, msg_id: int) -> None:
+        """A persistent session got message `msg_id` acknowledged: its row can go."""
+
+    def load(self, client_id: str,
+             done: Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]) -> None:
+        """The stored session and its queued messages; done(record, rows, ok, now)."""
+
+    def queued_to_outgoing(self, row: QueuedRecord, now: float) -> Outgoing:
+        """A queued row as a delivery of the session."""
+
+    def flush(self) -> None:
+        """Send what was batched (acknowledgements)."""
 
 
 class MeshPort(Protocol):
@@ -83,7 +113,9 @@ class ClientIdSource(Protocol):
 
 
 class MemorySessionStore:
-    """Single worker, no store process: the core's own dictionaries are the sessions' only copy."""
+    """No store process: the core's own dictionaries are the sessions' only copy."""
+
+    enabled = False
 
     def session_saved(self, session: Session) -> None:
         pass
@@ -91,7 +123,30 @@ class MemorySessionStore:
     def session_removed(self, client_id: str) -> None:
         pass
 
+    def session_online(self, session: Session, online: bool) -> None:
+        pass
+
     def retained_changed(self, topic: str, message: Message | None) -> None:
+        pass
+
+    def durable_targets(self, message: Message) -> list[QueuedTuple]:
+        return []
+
+    def persist(self, message: Message, rows: list[QueuedTuple], retained: bool, may_refuse: bool,
+                done: Callable[[bool, float], None]) -> None:
+        raise AssertionError("nothing is durable without a store")
+
+    def ack(self, client_id: str, msg_id: int) -> None:
+        pass
+
+    def load(self, client_id: str,
+             done: Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]) -> None:
+        raise AssertionError("nothing is stored without a store")
+
+    def queued_to_outgoing(self, row: QueuedRecord, now: float) -> Outgoing:
+        raise AssertionError("nothing is stored without a store")
+
+    def flush(self) -> None:
         pass
 
 

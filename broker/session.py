@@ -81,6 +81,7 @@ class Session:
         "inflight",
         "next_packet_id",
         "queue",
+        "stored",
         "subscriptions",
         "will",
         "will_at",
@@ -100,6 +101,7 @@ class Session:
         self.expires_at: float | None = None  # set while disconnected, if it expires
         self.dropped_messages = 0
         self.epoch = 0  # from the node's client registry; a stale epoch loses every race
+        self.stored = False  # the store holds a row for it (it was persistent when last saved)
 
     @property
     def persistent(self) -> bool:

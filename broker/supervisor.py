@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
-from broker.config import Config
+from broker.config import Config, StoreType
 from broker.logs import configure_logging
 from broker.worker import worker_process
 from mesh.relay import RelaySettings
 from mesh.relay import run as run_relay_loop
 from mesh.sockets import default_ipc_dir, prepare_ipc_dir
+from store.service import StoreSettings
+from store.service import run as run_store
 
 log = logging.getLogger("broker.supervisor")
 
@@ -64,6 +66,25 @@ def relay_process(config: Config, ipc_dir: str) -> None:
             heartbeat_ms=config.mesh.heartbeat_ms,
             recv_hwm=config.mesh.recv_hwm,
             send_hwm=config.mesh.send_hwm,
+            store=config.session_store.type is not StoreType.MEMORY,
+        )
+    )
+
+
+def store_process(config: Config, ipc_dir: str) -> None:
+    configure_logging(config.logging, "store")
+    cfg = config.session_store
+    run_store(
+        StoreSettings(
+            ipc_dir=ipc_dir,
+            node=config.node_name,
+            kind=cfg.type.value,
+            sqlite_path=cfg.sqlite.path,
+            postgres_url=cfg.postgres.url,
+            postgres_user=cfg.postgres.user,
+            postgres_password=cfg.postgres.password,
+            postgres_schema=cfg.postgres.schema,
+            pool_size=cfg.postgres.pool_size,
         )
     )
 
@@ -73,7 +94,10 @@ class Supervisor:
         self.config = config
         self.ctx = multiprocessing.get_context("spawn")
         self.ipc_dir = prepare_ipc_dir(config.mesh.ipc_dir or default_ipc_dir(config.node_name, os.getpid()))
-        self.children: list[_Child] = [_Child("relay", relay_process, (config, self.ipc_dir))]
+        self.children: list[_Child] = []
+        if config.session_store.type is not StoreType.MEMORY:
+            self.children.append(_Child("store", store_process, (config, self.ipc_dir)))
+        self.children.append(_Child("relay", relay_process, (config, self.ipc_dir)))
         for index in range(1, config.worker_count + 1):
             self.children.append(_Child(f"worker {index}", worker_process, (config, index, self.ipc_dir)))
         self.stopping = False
@@ -125,9 +149,10 @@ class Supervisor:
     def _drain(self) -> int:
         grace_s = self.config.shutdown_grace_s
         deadline = time.monotonic() + grace_s
-        workers = [c for c in self.children if c.name != "relay"]
+        workers = [c for c in self.children if c.name.startswith("worker")]
         relay = [c for c in self.children if c.name == "relay"]
-        for group in (workers, relay):
+        store = [c for c in self.children if c.name == "store"]
+        for group in (workers, relay, store):
             for child in group:
                 if child.process is not None and child.process.is_alive():
                     os.kill(child.process.pid or 0, signal.SIGTERM)

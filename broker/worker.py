@@ -23,7 +23,9 @@ from broker.core import BrokerCore
 from broker.logs import configure_logging
 from broker.meshlink import WorkerMesh
 from broker.net.tcp import MqttStreamProtocol
-from broker.ports import MeshPort
+from broker.config import StoreType
+from broker.ports import MeshPort, SessionStore
+from broker.storelink import StoreLink
 
 log = logging.getLogger("broker.worker")
 
@@ -32,13 +34,15 @@ PR_SET_PDEATHSIG = 1
 
 
 class Worker:
-    def __init__(self, config: Config, worker_index: int = 1, mesh: MeshPort | None = None) -> None:
+    def __init__(
+        self, config: Config, worker_index: int = 1, mesh: MeshPort | None = None, store: SessionStore | None = None
+    ) -> None:
         self.config = config
         self.worker_index = worker_index
         # MaxConnections is the node's: each worker takes its share.
         per_worker = math.ceil(config.mqtt.max_connections / config.worker_count)
         mqtt = replace(config.mqtt, max_connections=per_worker)
-        self.core = BrokerCore(mqtt, mesh=mesh, worker_index=worker_index)
+        self.core = BrokerCore(mqtt, mesh=mesh, store=store, worker_index=worker_index)
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._ticker_task: asyncio.Task[None] | None = None
@@ -110,15 +114,32 @@ def worker_process(config: Config, index: int, ipc_dir: str) -> None:
 async def _main(config: Config, index: int, ipc_dir: str) -> None:
     loop = asyncio.get_running_loop()
     mesh = WorkerMesh(config, index, ipc_dir, loop)
-    worker = Worker(config, index, mesh)
+    store = None if config.session_store.type is StoreType.MEMORY else StoreLink(config, index, ipc_dir, loop)
+    worker = Worker(config, index, mesh, store)
     mesh.attach(worker.core)
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns SIGINT into SIGTERM
+    wills = []
+    if store is not None:
+        store.attach(worker.core)
+        wills = await store.join()
     await mesh.join()
+    if wills:
+        # The node was killed while these clients were connected: their wills are due.
+        log.warning("worker %d: publishing %d will(s) left by a crash", index, len(wills))
+        now = loop.time()
+        for client_id, will in wills:
+            message = worker.core.will_message(will, client_id, now)
+            if message.retain:
+                worker.core.retain(message)
+            worker.core.publish(message, now)
+        worker.core.flush()
     try:
         await worker.run_until_stopped()
     finally:
         mesh.close()
+        if store is not None:
+            store.close()
 
 
 def _die_with_parent() -> None:

@@ -25,6 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+import msgpack
 import zmq
 
 from mesh import envelope as env
@@ -44,6 +45,7 @@ class RelaySettings:
     heartbeat_ms: int = 1000
     recv_hwm: int = 10_000
     send_hwm: int = 10_000
+    store: bool = False  # a store process holds the retained messages of earlier runs
 
 
 @dataclass(slots=True)
@@ -170,7 +172,36 @@ class Relay:
         self.sub.subscribe(CH_SHARED)
         self.running = True
 
+    def load_retained(self, timeout_s: float = 60.0) -> None:
+        """Ask the store for the retained messages it keeps (the node restarted)."""
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint(self.settings.ipc_dir, "store.ctl"))
+        try:
+            dealer.send(env.pack_control("rsnap", 1))
+            if not dealer.poll(int(timeout_s * 1000)):
+                log.error("relay: the store did not send the retained messages within %.0fs", timeout_s)
+                return
+            control = env.unpack_control(dealer.recv())
+        finally:
+            dealer.close(0)
+        if control.kind != "rstate":
+            log.error("relay: the store could not send the retained messages: %s", control.body)
+            return
+        now, wall = time.monotonic(), time.time()
+        (records,) = control.body
+        assert isinstance(records, tuple)
+        for topic, payload, qos, props, origin, expires_at, _updated in records:
+            expiry_ms = None if expires_at is None else int((expires_at - wall) * 1000)
+            if expiry_ms is not None and expiry_ms <= 0:
+                continue
+            props_tuple = None if props is None else msgpack.unpackb(props, use_list=False)
+            self.state.retained[topic] = ((qos, True, payload, origin, props_tuple, expiry_ms, 0), now)
+        log.info("relay: %d retained message(s) loaded from the store", len(self.state.retained))
+
     def serve(self) -> None:
+        if self.settings.store:
+            self.load_retained()
         poller = zmq.Poller()
         for sock in (self.router, self.sub, self.pub):
             poller.register(sock, zmq.POLLIN)

@@ -6,16 +6,31 @@ the brokers on free loopback ports, runs every scenario of `tools.loadgen` again
 in turn (scenario by scenario, so slow drifts of the machine's load hit both alike), stops
 them, prints one table and writes the figures to `bench-results/<date>.json`.
 
+Cross-worker scenarios (issue 3): a MeshMQ node of two workers with `WorkerPortBase` set
+listens on one extra port per worker, so the generator can put its clients on chosen workers.
+`fan-in-same` / `fan-out-same` put publishers and subscribers on worker 1; `fan-in-cross` /
+`fan-out-cross` put the publishers on worker 1 and the subscribers on worker 2, so that every
+delivery crosses the node's ZeroMQ mesh. The table compares broker CPU µs per delivered
+message (the whole process tree: supervisor, relay, workers) of cross against same; issue 3's
+target is a ratio of at most 1.5.
+
 Must not: send traffic anywhere but 127.0.0.1, leave a broker running, or stop a process it
 did not start (brokers are stopped through the process group of the PID it spawned). A broker
 that fails to start, dies, or fails a scenario is reported in the table and the JSON; the run
 goes on with the others.
 
 Invariants:
-- MeshMQ can run several times in one bench run with different command-line arguments
-  (`--meshmq-variants "w1:-workers 1;w2:-workers 2"`); each variant is its own column.
+- MeshMQ runs several times in one bench run with different command-line arguments (by default
+  `-workers 1` and `-workers 2`, `--meshmq-variants "w1:-workers 1;w2:-workers 2"`); each
+  variant is its own column, with its ratio to Mosquitto.
 - `idle-connections` runs first against a fresh broker: later scenarios would leave freed
   memory behind that new connections reuse, hiding their cost from the RSS delta.
+- A broker whose process tree grows past `--max-broker-rss-mib` during a scenario is killed
+  (SIGKILL to its process group) and the scenario reported as failed: a runaway queue in the
+  broker must not take the machine down with it.
+- Each cross-worker scenario runs against a fresh node (started for it, stopped after it), so
+  a backlog one scenario leaves in the node cannot slow the next; the main brokers are stopped
+  before these start, so they compete for no core.
 """
 
 from __future__ import annotations
@@ -26,16 +41,19 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tools import procstat
 from tools.loadgen import wire
 from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario
 from tools.loadgen.worker import raise_nofile_limit
@@ -45,8 +63,34 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 HOST = "127.0.0.1"
 LISTEN_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
+MAX_WORKER_PORT = 65_535
 GENERATOR_SATURATED_PCT = 90.0
+RSS_POLL_S = 0.25
+DEFAULT_MAX_BROKER_RSS_MIB = 4096  # the machine is shared: a broker that bloats past this is killed
 RUN_ORDER = ("idle-connections", "fan-in", "fan-out", "qos1-pairs", "latency")
+DEFAULT_VARIANTS = "w1:-workers 1;w2:-workers 2"
+CROSS_ARGS = "-workers 2"
+CROSS_TARGET_RATIO = 1.5  # issue 3: cross-worker CPU per message at most 1.5x same-worker's
+
+
+@dataclass(frozen=True, slots=True)
+class CrossScenario:
+    """A loadgen scenario with its publishers and subscribers on given workers (1-based)."""
+
+    name: str
+    base: str  # the tools.loadgen scenario it runs
+    pub_worker: int
+    sub_worker: int
+
+
+CROSS_SCENARIOS = (
+    CrossScenario("fan-in-same", "fan-in", 1, 1),
+    CrossScenario("fan-in-cross", "fan-in", 1, 2),
+    CrossScenario("fan-out-same", "fan-out", 1, 1),
+    CrossScenario("fan-out-cross", "fan-out", 1, 2),
+)
+CROSS_BY_NAME = {c.name: c for c in CROSS_SCENARIOS}
+ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +98,7 @@ class BrokerSpec:
     label: str  # the table's column name
     kind: str  # "meshmq" or "mosquitto"
     args: tuple[str, ...] = ()  # extra command-line arguments (MeshMQ variants)
+    worker_ports: int = 0  # MeshMQ: > 0 sets WorkerPortBase; workers 1..worker_ports get a port each
 
 
 @dataclass(slots=True)
@@ -63,6 +108,7 @@ class Broker:
     spec: BrokerSpec
     workdir: Path
     port: int = 0
+    worker_port_base: int = 0  # worker i listens on worker_port_base + i too (spec.worker_ports > 0)
     proc: subprocess.Popen[bytes] | None = None
     command: tuple[str, ...] = ()
     start_error: str | None = None
@@ -76,6 +122,20 @@ class Broker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def worker_port(self, index: int) -> int:
+        if not 1 <= index <= self.spec.worker_ports:
+            raise ValueError(f"{self.spec.label} has no port of its own for worker {index}")
+        return self.worker_port_base + index
+
+    def process_names(self) -> dict[int, str]:
+        """PID -> role in MeshMQ's tree, from the supervisor's 'worker 1 started (pid N)' lines."""
+        names = {self.pid: "supervisor"} if self.pid is not None else {}
+        path = self.workdir / "broker.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for match in re.finditer(r"\b(relay|worker \d+|store) started \(pid (\d+)\)", text):
+            names[int(match.group(2))] = match.group(1)
+        return names
+
     def log_tail(self, lines: int = 5) -> str:
         path = self.workdir / "broker.log"
         text = path.read_text(errors="replace") if path.exists() else ""
@@ -84,6 +144,8 @@ class Broker:
     def start(self) -> bool:
         self.starts += 1
         self.port = free_port()
+        if self.spec.worker_ports:
+            self.worker_port_base = free_port_base(self.spec.worker_ports, avoid=self.port)
         self.command = self._command()
         log = open(self.workdir / "broker.log", "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -95,7 +157,10 @@ class Broker:
             return False
         finally:
             log.close()
-        error = wait_listening(self.port, self.proc, LISTEN_TIMEOUT_S)
+        ports = [self.port, *(self.worker_port_base + i for i in range(1, self.spec.worker_ports + 1))]
+        error = None
+        for port in ports:  # every worker's own port: the node is up, not only its first worker
+            error = error or wait_listening(port, self.proc, LISTEN_TIMEOUT_S)
         if error is not None:
             self.start_error = f"{error}; log: {self.log_tail()}"
             self.stop()
@@ -115,7 +180,11 @@ class Broker:
             )
             return (MOSQUITTO, "-c", str(conf))
         config = self.workdir / "meshmq.yaml"
-        config.write_text(f"ListenAddress: {HOST}\nTCP: {self.port}\nSessionStore:\n  Type: MEMORY\n")
+        # The ipc:// directory inside the workdir: removed with it even if the node is killed.
+        config.write_text(
+            f"ListenAddress: {HOST}\nTCP: {self.port}\nWorkerPortBase: {self.worker_port_base}\n"
+            f"SessionStore:\n  Type: MEMORY\nMesh:\n  IpcDir: {self.workdir / 'ipc'}\n"
+        )
         exe = Path(sys.executable).with_name("meshmq")
         base = (str(exe),) if exe.exists() else (sys.executable, "-m", "broker.cli")
         return (*base, "-config", str(config), "-port", str(self.port), *self.spec.args)
@@ -144,6 +213,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    """Can we bind it? (Without SO_REUSEPORT, so another broker's reuse-port listener counts.)"""
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_base(count: int, avoid: int = 0, attempts: int = 100) -> int:
+    """A base such that base + 1 .. base + count are free ports (and none is `avoid`)."""
+    for _ in range(attempts):
+        base = free_port() - 1
+        ports = range(base + 1, base + count + 1)
+        if base + count <= MAX_WORKER_PORT and avoid not in ports and all(map(port_free, ports[1:])):
+            return base
+    raise OSError(f"no {count} consecutive free ports found on {HOST}")
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> str | None:
@@ -177,9 +266,9 @@ def parse_variants(text: str) -> list[tuple[str, tuple[str, ...]]]:
 
 def _scenario_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in SCENARIOS]
+    bad = [n for n in names if n not in ALL_SCENARIOS]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown scenario(s) {bad}; known: {', '.join(SCENARIOS)}")
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {bad}; known: {', '.join(ALL_SCENARIOS)}")
     return names
 
 
@@ -194,16 +283,37 @@ def _broker_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--brokers", type=_broker_list, default=["meshmq", "mosquitto"])
-    parser.add_argument("--scenarios", type=_scenario_list, default=list(SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=list(ALL_SCENARIOS),
+        help=f"comma-separated, default all: {', '.join(ALL_SCENARIOS)}",
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per scenario")
     parser.add_argument("--warmup", type=float, default=1.0, help="traffic before each window (s)")
     parser.add_argument(
-        "--meshmq-args", default="-workers 1", help='MeshMQ arguments, e.g. --meshmq-args="-workers 2"'
+        "--meshmq-args",
+        default=None,
+        help='one MeshMQ column with these arguments instead of the variants, e.g. --meshmq-args="-workers 2"',
     )
     parser.add_argument(
-        "--meshmq-variants", type=parse_variants, default=None, help='e.g. "w1:-workers 1;w2:-workers 2"'
+        "--meshmq-variants",
+        type=parse_variants,
+        default=None,
+        help=f'NAME:ARGS;... one column each (default "{DEFAULT_VARIANTS}")',
+    )
+    parser.add_argument(
+        "--cross-args",
+        default=CROSS_ARGS,
+        help=f"MeshMQ arguments of the cross-worker node (default {CROSS_ARGS!r}; needs 2 workers or more)",
     )
     parser.add_argument("--idle-connections", type=int, default=5000)
+    parser.add_argument(
+        "--max-broker-rss-mib",
+        type=int,
+        default=DEFAULT_MAX_BROKER_RSS_MIB,
+        help="kill a broker whose process tree's RSS passes this during a scenario",
+    )
     parser.add_argument(
         "--mqtt-version", type=int, choices=(wire.MQTT_311, wire.MQTT_5), default=wire.MQTT_311
     )
@@ -215,7 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
 def broker_specs(args: argparse.Namespace) -> list[BrokerSpec]:
     specs = []
     if "meshmq" in args.brokers:
-        variants = args.meshmq_variants or [("", tuple(shlex.split(args.meshmq_args)))]
+        variants = args.meshmq_variants
+        if variants is None:
+            given = args.meshmq_args
+            variants = (
+                [("", tuple(shlex.split(given)))] if given is not None else parse_variants(DEFAULT_VARIANTS)
+            )
         for name, extra in variants:
             specs.append(BrokerSpec(f"MeshMQ {name}".strip(), "meshmq", extra))
     if "mosquitto" in args.brokers:
@@ -240,6 +355,20 @@ def _cell(broker: Broker, scenario: str, metric: str) -> str:
     if not result.metrics:
         return "FAILED"
     return _fmt(result.value(metric))
+
+
+def _align(rows: list[list[str]], left: tuple[int, ...]) -> list[str]:
+    """Columns padded to their widest cell (the `left` ones left-aligned), a rule under row 0."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def render_table(brokers: list[Broker], scenarios: list[str]) -> str:
@@ -272,16 +401,7 @@ def render_table(brokers: list[Broker], scenarios: list[str]) -> str:
                     ratio = value / ref_value if value is not None and ref_value else None
                     row.append(f"{ratio:.2f}" if ratio is not None else "-")
             rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_align(rows, left=(0, 1)))
 
 
 def render_problems(brokers: list[Broker]) -> list[str]:
@@ -307,7 +427,87 @@ def failed(brokers: list[Broker]) -> bool:
     return any(b.start_error or any(not r.metrics for r in b.results.values()) for b in brokers)
 
 
-def to_json(brokers: list[Broker], args: argparse.Namespace, started: dt.datetime) -> dict[str, object]:
+# --- cross-worker scenarios --------------------------------------------------------------------
+
+CrossRun = tuple[CrossScenario, Broker]  # the scenario and the fresh node it ran against
+
+
+def cpu_by_process(broker: Broker, result: ScenarioResult) -> str:
+    """'worker 1 95%, worker 2 60%, relay 1%, ...' over the scenario's window, busiest first."""
+    names = broker.process_names()
+    shares = sorted(result.broker_cpu_pct_by_pid, key=lambda pid_pct: -pid_pct[1])
+    return ", ".join(f"{names.get(pid, f'pid {pid}')} {pct:.0f}%" for pid, pct in shares if pct >= 0.5)
+
+
+def cross_ratios(runs: list[CrossRun]) -> dict[str, float | None]:
+    """Per base scenario: broker CPU µs/msg of its -cross run over that of its -same run."""
+    cpu = {c.name: b.results[c.name].value("broker CPU µs/msg") for c, b in runs if c.name in b.results}
+    ratios: dict[str, float | None] = {}
+    for base in dict.fromkeys(c.base for c, _b in runs):
+        same, cross = cpu.get(f"{base}-same"), cpu.get(f"{base}-cross")
+        if f"{base}-same" in cpu and f"{base}-cross" in cpu:
+            ratios[base] = cross / same if same and cross is not None else None
+    return ratios
+
+
+def render_cross_table(runs: list[CrossRun]) -> str:
+    header = ["scenario", "clients", "msgs/s", "loss %", "CPU µs/msg", "broker CPU %", "CPU by process"]
+    rows = [header]
+    for cross, broker in runs:
+        result = broker.results.get(cross.name)
+        clients = f"pub w{cross.pub_worker} -> sub w{cross.sub_worker}"
+        if result is None or not result.metrics:
+            rows.append([cross.name, clients, "FAILED" if result else "not run", "", "", "", ""])
+            continue
+        rate = result.metrics[0].value  # received msg/s or deliveries/s: the scenario's headline
+        cells = [_fmt(rate), _fmt(result.value("loss")), _fmt(result.value("broker CPU µs/msg"))]
+        rows.append(
+            [cross.name, clients, *cells, _fmt(result.value("broker CPU")), cpu_by_process(broker, result)]
+        )
+    lines = _align(rows, left=(0, 1, 6))
+    verdicts = []
+    for base, ratio in cross_ratios(runs).items():
+        if ratio is None:
+            verdicts.append(f"{base} -")
+        else:
+            verdicts.append(f"{base} {ratio:.2f} ({'met' if ratio <= CROSS_TARGET_RATIO else 'MISSED'})")
+    if verdicts:
+        lines.append(
+            f"\ncross/same broker CPU µs/msg (target <= {CROSS_TARGET_RATIO}): " + ", ".join(verdicts)
+        )
+    return "\n".join(lines)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _broker_json(b: Broker) -> dict[str, object]:
+    names = b.process_names()
+    return {
+        "label": b.spec.label,
+        "kind": b.spec.kind,
+        "command": list(b.command),
+        "worker_port_base": b.worker_port_base or None,
+        "start_error": b.start_error,
+        "starts": b.starts,
+        "results": {
+            name: {
+                "ok": r.ok,
+                "metrics": [asdict(m) for m in r.metrics],
+                "errors": list(r.errors),
+                "notes": list(r.notes),
+                "broker_cpu_pct_by_process": {
+                    names.get(pid, f"pid {pid}"): round(pct, 1) for pid, pct in r.broker_cpu_pct_by_pid
+                },
+            }
+            for name, r in b.results.items()
+        },
+    }
+
+
+def to_json(
+    brokers: list[Broker], args: argparse.Namespace, started: dt.datetime, runs: list[CrossRun] | None = None
+) -> dict[str, object]:
     return {
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -319,26 +519,103 @@ def to_json(brokers: list[Broker], args: argparse.Namespace, started: dt.datetim
             "mqtt_version": args.mqtt_version,
             "payload_bytes": Params().payload_bytes,
         },
-        "brokers": [
-            {
-                "label": b.spec.label,
-                "kind": b.spec.kind,
-                "command": list(b.command),
-                "start_error": b.start_error,
-                "starts": b.starts,
-                "results": {
-                    name: {
-                        "ok": r.ok,
-                        "metrics": [asdict(m) for m in r.metrics],
-                        "errors": list(r.errors),
-                        "notes": list(r.notes),
-                    }
-                    for name, r in b.results.items()
-                },
-            }
-            for b in brokers
-        ],
+        "brokers": [_broker_json(b) for b in brokers],
+        "cross_worker": {
+            "target_ratio": CROSS_TARGET_RATIO,
+            "cpu_us_per_msg_ratio_cross_to_same": cross_ratios(runs or []),
+            "runs": [
+                {
+                    "scenario": c.name,
+                    "base": c.base,
+                    "pub_worker": c.pub_worker,
+                    "sub_worker": c.sub_worker,
+                    "node": _broker_json(b),
+                }
+                for c, b in runs or []
+            ],
+        },
     }
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+class RssGuard:
+    """A thread that samples the broker tree's RSS and kills the tree past a limit."""
+
+    def __init__(self, pid: int, limit_bytes: int) -> None:
+        self.pid = pid
+        self.limit_bytes = limit_bytes
+        self.peak_bytes = 0
+        self.killed_at_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rss-guard", daemon=True)
+
+    def __enter__(self) -> RssGuard:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(RSS_POLL_S):
+            rss_bytes = procstat.sample_tree(self.pid).rss_bytes
+            self.peak_bytes = max(self.peak_bytes, rss_bytes)
+            if rss_bytes > self.limit_bytes:
+                self.killed_at_bytes = rss_bytes
+                _signal_group(self.pid, signal.SIGKILL)
+                return
+
+
+def run_on(broker: Broker, name: str, base: str, params: Params, max_rss_mib: int) -> ScenarioResult:
+    """Run loadgen scenario `base` against the broker, filed under `name`; never raises."""
+    if not broker.alive() or broker.pid is None:
+        return ScenarioResult(name, (), (f"broker not running: {broker.start_error or 'exited'}",))
+    print(f"running {name} against {broker.spec.label} ...", flush=True)
+    with RssGuard(broker.pid, max_rss_mib << 20) as guard:
+        try:
+            result = replace(run_scenario(base, HOST, broker.port, params, broker.pid), scenario=name)
+        except Exception as exc:  # one failed scenario must not end the run
+            result = ScenarioResult(name, (), (f"{type(exc).__name__}: {exc}",))
+    notes = (*result.notes, f"broker peak RSS {guard.peak_bytes / 2**20:.0f} MiB")
+    errors = result.errors
+    if guard.killed_at_bytes is not None:
+        errors = (*errors, f"broker killed: its RSS reached {guard.killed_at_bytes / 2**20:.0f} MiB")
+    elif not broker.alive():
+        errors = (*errors, f"broker exited during the scenario; log: {broker.log_tail()}")
+    return replace(result, errors=errors, notes=notes)
+
+
+def run_cross(
+    scenarios: list[CrossScenario], args: argparse.Namespace, params: Params, tmp: Path
+) -> list[CrossRun]:
+    runs = []
+    for cross in scenarios:
+        workdir = tmp / f"cross-{cross.name}"
+        workdir.mkdir()
+        spec = BrokerSpec("MeshMQ cross", "meshmq", tuple(shlex.split(args.cross_args)), worker_ports=2)
+        broker = Broker(spec, workdir)
+        runs.append((cross, broker))
+        try:
+            if not broker.start():
+                print(f"MeshMQ for {cross.name}: FAILED: {broker.start_error}", flush=True)
+                broker.results[cross.name] = ScenarioResult(
+                    cross.name, (), (f"broker not running: {broker.start_error}",)
+                )
+                continue
+            placed = replace(
+                params,
+                pub_port=broker.worker_port(cross.pub_worker),
+                sub_port=broker.worker_port(cross.sub_worker),
+            )
+            broker.results[cross.name] = run_on(
+                broker, cross.name, cross.base, placed, args.max_broker_rss_mib
+            )
+        finally:
+            broker.stop()
+    return runs
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -351,9 +628,11 @@ def run_bench(args: argparse.Namespace) -> int:
         idle_connections=args.idle_connections,
     )
     order = [s for s in RUN_ORDER if s in args.scenarios]
+    crosses = [c for c in CROSS_SCENARIOS if c.name in args.scenarios] if "meshmq" in args.brokers else []
+    runs: list[CrossRun] = []
     with tempfile.TemporaryDirectory(prefix="meshmq-bench-") as tmp:
         brokers = []
-        for n, spec in enumerate(broker_specs(args)):
+        for n, spec in enumerate(broker_specs(args) if order else ()):
             workdir = Path(tmp) / f"{n}-{spec.kind}"
             workdir.mkdir()
             brokers.append(Broker(spec, workdir))
@@ -367,30 +646,24 @@ def run_bench(args: argparse.Namespace) -> int:
                     if not broker.alive() and broker.starts and broker.start_error is None:
                         print(f"{broker.spec.label} died; restarting it", flush=True)
                         broker.start()
-                    if not broker.alive():
-                        broker.results[scenario] = ScenarioResult(
-                            scenario, (), (f"broker not running: {broker.start_error or 'exited'}",)
-                        )
-                        continue
-                    print(f"running {scenario} against {broker.spec.label} ...", flush=True)
-                    try:
-                        result = run_scenario(scenario, HOST, broker.port, params, broker.pid)
-                    except Exception as exc:  # one failed scenario must not end the run
-                        result = ScenarioResult(scenario, (), (f"{type(exc).__name__}: {exc}",))
-                    if not broker.alive():
-                        result = ScenarioResult(
-                            result.scenario,
-                            result.metrics,
-                            (*result.errors, f"broker exited during the scenario; log: {broker.log_tail()}"),
-                            result.notes,
-                        )
-                    broker.results[scenario] = result
+                    broker.results[scenario] = run_on(
+                        broker, scenario, scenario, params, args.max_broker_rss_mib
+                    )
         finally:
             for broker in brokers:
                 broker.stop()
-    print()
-    print(render_table(brokers, [s for s in SCENARIOS if s in args.scenarios]))
-    problems = render_problems(brokers)
+        runs = run_cross(crosses, args, params, Path(tmp))
+        everyone = [*brokers, *(b for _c, b in runs)]
+        report = to_json(brokers, args, started, runs)  # before the workdirs (broker logs) go
+    if brokers:
+        print()
+        print(render_table(brokers, [s for s in SCENARIOS if s in args.scenarios]))
+    if runs:
+        print(
+            f"\ncross-worker delivery (MeshMQ {args.cross_args}, clients placed by WorkerPortBase, a fresh node each):"
+        )
+        print(render_cross_table(runs))
+    problems = render_problems(everyone)
     if problems:
         print("\nproblems:")
         for line in problems:
@@ -398,9 +671,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.no_json:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         path = args.results_dir / f"{started.strftime('%Y-%m-%dT%H%M%S')}.json"
-        path.write_text(json.dumps(to_json(brokers, args, started), indent=2, ensure_ascii=False) + "\n")
+        path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"\nwrote {path}")
-    return 1 if failed(brokers) else 0
+    return 1 if failed(everyone) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

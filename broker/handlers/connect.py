@@ -11,6 +11,7 @@ takeover or a clean start releases.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,12 @@ from broker.protocol.errors import MQTTError, ProtocolError
 from broker.protocol.packets import Connack, Connect, Properties, ProtocolVersion, Will
 from broker.protocol.reasons import Reason
 from broker.protocol.topics import validate_topic_name
-from broker.session import NEVER_EXPIRES_S, Session
+from broker.session import NEVER_EXPIRES_S, Session, SubEntry
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
     from mesh.envelope import SessionWire
+    from store.records import QueuedRecord, SessionRecord
 
 log = logging.getLogger("broker.handlers.connect")
 
@@ -152,7 +154,49 @@ def _claimed(
     state: SessionWire | None,
     now: float,
 ) -> None:
-    session_present = _attach_session(core, conn, pending, state, now)
+    store = core.store
+    if store.enabled and not pending.clean_start:
+        # The store holds what a crash (or another node) left of the session: load it first.
+        store.load(
+            pending.client_id,
+            lambda record, rows, ok, now: _loaded(core, conn, pending, epoch, state, record, rows, ok, now),
+        )
+        return
+    _connected(core, conn, pending, epoch, state, None, (), now)
+
+
+def _loaded(
+    core: BrokerCore,
+    conn: ServerConnection,
+    pending: _Pending,
+    epoch: int,
+    state: SessionWire | None,
+    record: SessionRecord | None,
+    rows: Sequence[QueuedRecord],
+    ok: bool,
+    now: float,
+) -> None:
+    if not ok:
+        core.mesh.session_ended(pending.client_id, epoch)
+        if conn.link_lost:
+            return
+        refuse_connect(conn, Reason.SERVER_UNAVAILABLE, "the session store is unavailable")
+        core.release_held(conn, now)
+        return
+    _connected(core, conn, pending, epoch, state, record, rows, now)
+
+
+def _connected(
+    core: BrokerCore,
+    conn: ServerConnection,
+    pending: _Pending,
+    epoch: int,
+    state: SessionWire | None,
+    record: SessionRecord | None,
+    rows: Sequence[QueuedRecord],
+    now: float,
+) -> None:
+    session_present = _attach_session(core, conn, pending, state, record, rows, now)
     session = conn.session
     assert session is not None
     session.epoch = epoch
@@ -184,10 +228,21 @@ def _claimed(
 
 
 def _attach_session(
-    core: BrokerCore, conn: ServerConnection, pending: _Pending, state: SessionWire | None, now: float
+    core: BrokerCore,
+    conn: ServerConnection,
+    pending: _Pending,
+    state: SessionWire | None,
+    record: SessionRecord | None,
+    rows: Sequence[QueuedRecord],
+    now: float,
 ) -> bool:
-    """Bind the connection to a new, resumed or handed-over session; returns Session Present
-    [MQTT-3.2.2-2, -3]."""
+    """Bind the connection to a new, resumed, handed-over or stored session; returns Session
+    Present [MQTT-3.2.2-2, -3].
+
+    Sources, freshest first: this worker's own session, the hand-off of the worker that held it,
+    the store's copy; the store's queued rows are merged into the first two by message id, so a
+    message that reached only the store (a crash, a hand-off under way) is not lost.
+    """
     client_id = pending.client_id
     session = core.sessions.get(client_id)
     if session is not None:
@@ -200,10 +255,26 @@ def _attach_session(
         core.sessions[client_id] = session
         for key_filter, entry in subscriptions:
             core.add_subscription(session, key_filter, entry)
+    if session is None and record is not None:
+        session = Session(client_id, pending.expiry_s)
+        core.sessions[client_id] = session
+        for sub in record.subscriptions:
+            core.add_subscription(session, sub.key_filter, SubEntry(
+                client_id, sub.topic_filter, sub.qos, sub.no_local, sub.retain_as_published,
+                sub.retain_handling, sub.subscription_id, sub.share_group, core.worker_index,
+            ))
+    if session is not None and rows:
+        known = {item.message.msg_id for item in session.inflight.values()}
+        known.update(item.message.msg_id for item in session.queue)
+        for row in rows:
+            if row.msg_id not in known:
+                session.queue.append(core.store.queued_to_outgoing(row, now))
     present = session is not None
     if session is None:
         session = Session(client_id, pending.expiry_s)
         core.sessions[client_id] = session
+    if record is not None:
+        session.stored = True
     session.expiry_interval_s = pending.expiry_s
     session.expires_at = None
     session.connection = conn

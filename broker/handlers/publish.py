@@ -13,6 +13,8 @@ says durable).
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,7 @@ from broker.protocol.connection import ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError, ReceiveMaximumExceeded, TopicAliasInvalid
 from broker.protocol.packets import (
     NO_PROPERTIES,
+    Packet,
     Properties,
     ProtocolVersion,
     Puback,
@@ -36,6 +39,8 @@ from broker.session import OutState
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
+
+log = logging.getLogger("broker.handlers.publish")
 
 V5 = ProtocolVersion.V5
 NO_SUBSCRIBERS = Reason.NO_MATCHING_SUBSCRIBERS
@@ -68,7 +73,7 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
         counters.messages_received_qos2 += 1
         if packet.packet_id in session.inbound_qos2:
             # a resend: acknowledge again, route once
-            conn.send(Pubrec(packet.packet_id))
+            send_ack(conn, Pubrec(packet.packet_id))
             return
         if len(session.inbound_qos2) >= core.config.max_inflight:
             raise ReceiveMaximumExceeded(
@@ -81,7 +86,7 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
         if props.payload_format_indicator == 1 and not is_utf8(packet.payload):
             if qos:
                 ack = Puback if qos == 1 else Pubrec
-                conn.send(ack(packet.packet_id, Reason.PAYLOAD_FORMAT_INVALID))
+                send_ack(conn, ack(packet.packet_id, Reason.PAYLOAD_FORMAT_INVALID))
             return
         expiry = props.message_expiry_interval_s
         if props.topic_alias is not None:
@@ -96,16 +101,84 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
             None if expiry is None else now + expiry,
         )
 
+    store = core.store
+    if store.enabled:
+        if qos:
+            rows = store.durable_targets(message)
+            if rows or message.retain:
+                # The durability promise: acknowledge (and deliver) only once the store holds
+                # the message for every persistent session it reaches, and the retained change.
+                if qos == 2:
+                    session.inbound_qos2.add(packet.packet_id)  # a resend meanwhile is not persisted twice
+                slot = defer_ack(conn)
+                store.persist(
+                    message, rows, message.retain, conn.version is V5,
+                    lambda ok, now: _durable(core, conn, packet, message, slot, ok, now),
+                )
+                return
+        elif message.retain:
+            store.retained_changed(message.topic, message)
     if message.retain:
-        core.retain(message)
+        core.retain(message, persist=False)
     delivered = core.publish(message, now)
     if qos:
         reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
         if qos == 1:
-            conn.send(Puback(packet.packet_id, reason))
+            send_ack(conn, Puback(packet.packet_id, reason))
         else:
             session.inbound_qos2.add(packet.packet_id)
-            conn.send(Pubrec(packet.packet_id, reason))
+            send_ack(conn, Pubrec(packet.packet_id, reason))
+
+
+def _durable(
+    core: BrokerCore, conn: ServerConnection, packet: Publish, message: Message, slot: list[Packet | None],
+    ok: bool, now: float,
+) -> None:
+    """The store answered for a QoS 1/2 message: deliver and acknowledge, or refuse it."""
+    ack = Puback if packet.qos == 1 else Pubrec
+    if not ok:
+        # The database could not make it durable in time: 5.0 publishers are told (and may
+        # resend); 3.1.1 ones never get here (they wait for the store) [DESIGN.md, Store].
+        log.warning("client %r: QoS %d message to %r refused, the store is unavailable",
+                    conn.client_id, packet.qos, message.topic)
+        session = conn.session
+        if session is not None:
+            session.inbound_qos2.discard(packet.packet_id)
+        complete_ack(conn, slot, ack(packet.packet_id, Reason.UNSPECIFIED_ERROR))
+        return
+    if message.retain:
+        core.retain(message, persist=False)
+    delivered = core.publish(message, now)
+    reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
+    complete_ack(conn, slot, ack(packet.packet_id, reason))
+
+
+def send_ack(conn: ServerConnection, ack: Packet) -> None:
+    """Acknowledge in the order the PUBLISHes came [MQTT-4.6.0-2, -3]: behind any still waiting."""
+    queue = conn.ack_queue
+    if queue:
+        queue.append([ack])
+    else:
+        conn.send(ack)
+
+
+def defer_ack(conn: ServerConnection) -> list[Packet | None]:
+    """A place in the acknowledgement order for an ack that is not known yet."""
+    slot: list[Packet | None] = [None]
+    if conn.ack_queue is None:
+        conn.ack_queue = deque()
+    conn.ack_queue.append(slot)
+    return slot
+
+
+def complete_ack(conn: ServerConnection, slot: list[Packet | None], ack: Packet) -> None:
+    slot[0] = ack
+    queue = conn.ack_queue
+    assert queue is not None
+    while queue and queue[0][0] is not None:
+        ready = queue.popleft()[0]
+        assert ready is not None
+        conn.send(ready)
 
 
 def _apply_properties(
@@ -155,6 +228,7 @@ def handle_puback(core: BrokerCore, conn: ServerConnection, packet: Puback, now:
     item = session.inflight.get(packet.packet_id)
     if item is not None and item.state is OutState.AWAITING_PUBACK:
         del session.inflight[packet.packet_id]
+        core.done_with(session, item)
         if session.queue:
             core.pump(session, now)
 
@@ -169,6 +243,7 @@ def handle_pubrec(core: BrokerCore, conn: ServerConnection, packet: Pubrec, now:
     if packet.reason_code >= 0x80:
         # The client refused it: the flow ends here [MQTT-4.3.3-4 area].
         del session.inflight[packet.packet_id]
+        core.done_with(session, item)
         core.pump(session, now)
         return
     item.state = OutState.AWAITING_PUBCOMP
@@ -181,5 +256,6 @@ def handle_pubcomp(core: BrokerCore, conn: ServerConnection, packet: Pubcomp, no
     item = session.inflight.get(packet.packet_id)
     if item is not None and item.state is OutState.AWAITING_PUBCOMP:
         del session.inflight[packet.packet_id]
+        core.done_with(session, item)
         if session.queue:
             core.pump(session, now)
