@@ -312,9 +312,24 @@ class BrokerCore:
         if will is None:
             return
         self.counters.wills_published += 1
-        message = self.will_message(will, session.client_id, now)
+        self.publish_server_message(self.will_message(will, session.client_id, now), now)
+
+    def publish_server_message(self, message: Message, now: float) -> None:
+        """Publish a message the server originates (a will): durable like a client's QoS 1/2
+        publish, retained if it says so [MQTT-3.1.2-17], with nobody to acknowledge."""
+        store = self.store
+        if store.enabled:
+            rows = store.durable_targets(message) if message.qos else []
+            if rows or (message.retain and message.qos):
+                store.persist(message, rows, message.retain, False, lambda ok, now: self._publish_now(message, now))
+                return
+            if message.retain:
+                store.retained_changed(message.topic, message)
+        self._publish_now(message, now)
+
+    def _publish_now(self, message: Message, now: float) -> None:
         if message.retain:
-            self.retain(message)  # [MQTT-3.1.2-17]
+            self.retain(message, persist=False)
         self.publish(message, now)
 
     @staticmethod

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.store")
 
 CH_DURABLE = b"\x00D"
+POLL_S = 0.05
 LoadDone = Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]
 PersistDone = Callable[[bool, float], None]
 
@@ -90,6 +91,7 @@ class StoreLink:
         self.buffered: list[tuple[str, object]] = []
         self.next_msg_id = (time.time_ns() // 1000) * 1024 + index  # unique in the node, increasing
         self.stats_refused = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -97,6 +99,18 @@ class StoreLink:
         self.core = core
         self.loop.add_reader(int(self.dealer.getsockopt(zmq.FD)), self._on_dealer)
         self.loop.add_reader(int(self.sub.getsockopt(zmq.FD)), self._on_sub)
+        self._timer = self.loop.call_later(POLL_S, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """ZeroMQ's FD is edge-triggered: look again now and then, whatever it signalled."""
+        try:
+            if int(self.dealer.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._on_dealer()
+            if int(self.sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._on_sub()
+        except zmq.ZMQError:
+            return  # closed
+        self._timer = self.loop.call_later(POLL_S, self._on_timer)
 
     async def join(self, timeout_s: float = 30.0) -> list[tuple[str, Will]]:
         """Load the persistent subscriptions; worker 1 also collects the wills a crash left due."""
@@ -125,6 +139,8 @@ class StoreLink:
         return out
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self.flush()
         for sock in (self.dealer, self.sub):
             try:

@@ -32,7 +32,7 @@ from multiprocessing.process import BaseProcess
 
 from broker.config import Config, StoreType
 from broker.logs import configure_logging
-from broker.worker import worker_process
+from broker.worker import die_with_parent, worker_process
 from mesh.relay import RelaySettings
 from mesh.relay import run as run_relay_loop
 from mesh.sockets import default_ipc_dir, prepare_ipc_dir
@@ -58,6 +58,7 @@ class _Child:
 
 
 def relay_process(config: Config, ipc_dir: str) -> None:
+    die_with_parent()
     configure_logging(config.logging, "relay")
     run_relay_loop(
         RelaySettings(
@@ -72,6 +73,7 @@ def relay_process(config: Config, ipc_dir: str) -> None:
 
 
 def store_process(config: Config, ipc_dir: str) -> None:
+    die_with_parent()
     configure_logging(config.logging, "store")
     cfg = config.session_store
     run_store(

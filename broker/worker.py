@@ -101,7 +101,7 @@ class Worker:
 
 def worker_process(config: Config, index: int, ipc_dir: str) -> None:
     """The main of a worker child process (spawned by the supervisor)."""
-    _die_with_parent()
+    die_with_parent()
     configure_logging(config.logging, f"worker-{index}")
     try:
         import uvloop
@@ -122,17 +122,16 @@ async def _main(config: Config, index: int, ipc_dir: str) -> None:
     wills = []
     if store is not None:
         store.attach(worker.core)
+        log.info("worker %d: loading persistent subscriptions from the store", index)
         wills = await store.join()
+    log.info("worker %d: joining the node's mesh", index)
     await mesh.join()
     if wills:
         # The node was killed while these clients were connected: their wills are due.
         log.warning("worker %d: publishing %d will(s) left by a crash", index, len(wills))
         now = loop.time()
         for client_id, will in wills:
-            message = worker.core.will_message(will, client_id, now)
-            if message.retain:
-                worker.core.retain(message)
-            worker.core.publish(message, now)
+            worker.core.publish_server_message(worker.core.will_message(will, client_id, now), now)
         worker.core.flush()
     try:
         await worker.run_until_stopped()
@@ -142,7 +141,7 @@ async def _main(config: Config, index: int, ipc_dir: str) -> None:
             store.close()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the kernel to SIGKILL us if the supervisor dies (no orphaned workers)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)

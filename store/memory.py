@@ -183,9 +183,7 @@ class MemoryBackend:
     def retained(self, now: float) -> list[RetainedRecord]:
         self._check_open()
         return [
-            r
-            for topic, r in sorted(self._retained.items())
-            if r.expires_at is None or r.expires_at > now
+            r for topic, r in sorted(self._retained.items()) if r.expires_at is None or r.expires_at > now
         ]
 
     def _check_open(self) -> None:

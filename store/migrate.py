@@ -55,14 +55,18 @@ def parse_migrations(files: Iterable[tuple[str, str]]) -> tuple[Migration, ...]:
             raise StoreError(f"migration file {file_name!r} is not named NNN_lowercase_name.sql")
         version = int(match.group(1))
         if version in found:
-            raise StoreError(f"two migrations have number {version:03d}: {found[version].name!r} and {file_name!r}")
+            raise StoreError(
+                f"two migrations have number {version:03d}: {found[version].name!r} and {file_name!r}"
+            )
         if not text.strip():
             raise StoreError(f"migration file {file_name!r} is empty")
         found[version] = Migration(version=version, name=match.group(2), sql=text)
     ordered = tuple(found[v] for v in sorted(found))
     for expected, migration in enumerate(ordered, start=1):
         if migration.version != expected:
-            raise StoreError(f"migration {expected:03d} is missing (found {migration.version:03d}_{migration.name})")
+            raise StoreError(
+                f"migration {expected:03d} is missing (found {migration.version:03d}_{migration.name})"
+            )
     return ordered
 
 

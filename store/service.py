@@ -104,8 +104,10 @@ class StoreService:
             if record.online and record.node == self.settings.node:
                 self.crashed.append(record)
         if self.crashed:
-            log.warning("store: %d session(s) were online when the node stopped; their wills are due",
-                        len(self.crashed))
+            log.warning(
+                "store: %d session(s) were online when the node stopped; their wills are due",
+                len(self.crashed),
+            )
 
     # -- loop -----------------------------------------------------------------------------------------
 
@@ -188,7 +190,9 @@ class StoreService:
             if not isinstance(rows_wire, tuple | list):
                 raise wire.WireError("enqueue: rows must be an array")
             rows = tuple(wire.queued_from_wire(r) for r in rows_wire)
-            self.writer.submit([Enqueue(rows)], self._after_commit(identity, req, "durable"), now, bool(may_refuse))  # type: ignore[arg-type]
+            self.writer.submit(
+                [Enqueue(rows)], self._after_commit(identity, req, "durable"), now, bool(may_refuse)
+            )  # type: ignore[arg-type]
         elif kind == "ack":
             client_id, msg_ids = body
             if not isinstance(msg_ids, tuple | list):
@@ -219,7 +223,9 @@ class StoreService:
         elif kind == "retain":
             topic, retained_wire, may_refuse = body
             op: WriteOp = (
-                ClearRetained(str(topic)) if retained_wire is None else SetRetained(wire.retained_from_wire(retained_wire))
+                ClearRetained(str(topic))
+                if retained_wire is None
+                else SetRetained(wire.retained_from_wire(retained_wire))
             )
             self.writer.submit([op], self._after_commit(identity, req, "durable"), now, bool(may_refuse))  # type: ignore[arg-type]
         elif kind == "load":
@@ -228,16 +234,26 @@ class StoreService:
             if self.writer.degraded:
                 raise StoreUnavailable("writes are waiting for the database")
             stored = self.backend.load_session(str(client_id))
-            queued = self.backend.fetch_queue(str(client_id), LOAD_LIMIT, 0.0, wall) if stored is not None else []
+            queued = (
+                self.backend.fetch_queue(str(client_id), LOAD_LIMIT, 0.0, wall) if stored is not None else []
+            )
             self._reply(
-                identity, "loaded", req,
+                identity,
+                "loaded",
+                req,
                 None if stored is None else wire.session_to_wire(stored),
                 tuple(wire.queued_to_wire(r) for r in queued),
             )
         elif kind == "dsnap":
-            self._reply(identity, "dsubs", req, tuple(
-                (cid, tuple(wire.subscription_to_wire(s) for s in subs)) for cid, subs in self.subscriptions.items()
-            ))
+            self._reply(
+                identity,
+                "dsubs",
+                req,
+                tuple(
+                    (cid, tuple(wire.subscription_to_wire(s) for s in subs))
+                    for cid, subs in self.subscriptions.items()
+                ),
+            )
         elif kind == "recover":
             (node,) = body
             crashed, self.crashed = [r for r in self.crashed if r.node == node], []
@@ -251,7 +267,9 @@ class StoreService:
                 self._write(ops, now)
             self._reply(identity, "wills", req, tuple(wills))
         elif kind == "rsnap":
-            self._reply(identity, "rstate", req, tuple(wire.retained_to_wire(r) for r in self.backend.retained(wall)))
+            self._reply(
+                identity, "rstate", req, tuple(wire.retained_to_wire(r) for r in self.backend.retained(wall))
+            )
         else:
             raise wire.WireError(f"unexpected request {kind!r}")
 
@@ -263,7 +281,8 @@ class StoreService:
         """End offline sessions whose expiry interval has passed."""
         wall = time.time()
         expired = [
-            cid for cid, k in self.known.items()
+            cid
+            for cid, k in self.known.items()
             if not k.online and k.expiry_s != NEVER_EXPIRES_S and wall >= k.since + k.expiry_s
         ]
         for cid in expired:

@@ -25,8 +25,16 @@ class WireError(StoreError):
 
 
 def subscription_to_wire(r: SubscriptionRecord) -> SubscriptionTuple:
-    return (r.key_filter, r.topic_filter, r.qos, r.no_local, r.retain_as_published, r.retain_handling,
-            r.subscription_id, r.share_group)
+    return (
+        r.key_filter,
+        r.topic_filter,
+        r.qos,
+        r.no_local,
+        r.retain_as_published,
+        r.retain_handling,
+        r.subscription_id,
+        r.share_group,
+    )
 
 
 def will_to_wire(r: WillRecord) -> WillTuple:
@@ -35,14 +43,31 @@ def will_to_wire(r: WillRecord) -> WillTuple:
 
 def session_to_wire(r: SessionRecord) -> SessionTuple:
     return (
-        r.client_id, r.expiry_s, tuple(subscription_to_wire(s) for s in r.subscriptions),
-        None if r.will is None else will_to_wire(r.will), r.online, r.node, r.epoch, r.updated_at,
+        r.client_id,
+        r.expiry_s,
+        tuple(subscription_to_wire(s) for s in r.subscriptions),
+        None if r.will is None else will_to_wire(r.will),
+        r.online,
+        r.node,
+        r.epoch,
+        r.updated_at,
     )
 
 
 def queued_to_wire(r: QueuedRecord) -> QueuedTuple:
-    return (r.client_id, r.msg_id, r.qos, r.retain, r.sub_ids, r.topic, r.payload, r.props, r.origin,
-            r.expires_at, r.seq)
+    return (
+        r.client_id,
+        r.msg_id,
+        r.qos,
+        r.retain,
+        r.sub_ids,
+        r.topic,
+        r.payload,
+        r.props,
+        r.origin,
+        r.expires_at,
+        r.seq,
+    )
 
 
 def retained_to_wire(r: RetainedRecord) -> RetainedTuple:
@@ -59,7 +84,12 @@ def subscription_from_wire(value: object) -> SubscriptionRecord:
     t = _tuple(value, 8, "subscription")
     try:
         return SubscriptionRecord(
-            str(t[0]), str(t[1]), int(t[2]), bool(t[3]), bool(t[4]), int(t[5]),  # type: ignore[call-overload]
+            str(t[0]),
+            str(t[1]),
+            int(t[2]),
+            bool(t[3]),
+            bool(t[4]),
+            int(t[5]),  # type: ignore[call-overload]
             None if t[6] is None else int(t[6]),  # type: ignore[call-overload]
             None if t[7] is None else str(t[7]),
         )
@@ -84,10 +114,14 @@ def session_from_wire(value: object) -> SessionRecord:
         raise WireError("session: subscriptions must be an array")
     try:
         return SessionRecord(
-            str(t[0]), int(t[1]),  # type: ignore[call-overload]
+            str(t[0]),
+            int(t[1]),  # type: ignore[call-overload]
             tuple(subscription_from_wire(s) for s in subs),
             None if t[3] is None else will_from_wire(t[3]),
-            bool(t[4]), str(t[5]), int(t[6]), float(t[7]),  # type: ignore[call-overload, arg-type]
+            bool(t[4]),
+            str(t[5]),
+            int(t[6]),
+            float(t[7]),  # type: ignore[call-overload, arg-type]
         )
     except (TypeError, ValueError) as exc:
         raise WireError(f"session: {exc}") from None
@@ -102,8 +136,15 @@ def queued_from_wire(value: object) -> QueuedRecord:
         raise WireError("queued message: sub_ids must be an array")
     try:
         return QueuedRecord(
-            str(t[0]), int(t[1]), int(t[2]), bool(t[3]),  # type: ignore[call-overload]
-            tuple(int(i) for i in sub_ids), str(t[5]), t[6], t[7], str(t[8]),
+            str(t[0]),
+            int(t[1]),
+            int(t[2]),
+            bool(t[3]),  # type: ignore[call-overload]
+            tuple(int(i) for i in sub_ids),
+            str(t[5]),
+            t[6],
+            t[7],
+            str(t[8]),
             None if t[9] is None else float(t[9]),  # type: ignore[arg-type]
             int(t[10]),  # type: ignore[call-overload]
         )
@@ -117,7 +158,11 @@ def retained_from_wire(value: object) -> RetainedRecord:
         raise WireError("retained message: payload and props must be binary")
     try:
         return RetainedRecord(
-            str(t[0]), t[1], int(t[2]), t[3], str(t[4]),  # type: ignore[call-overload]
+            str(t[0]),
+            t[1],
+            int(t[2]),
+            t[3],
+            str(t[4]),  # type: ignore[call-overload]
             None if t[5] is None else float(t[5]),  # type: ignore[arg-type]
             float(t[6]),  # type: ignore[arg-type]
         )

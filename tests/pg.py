@@ -50,8 +50,10 @@ __all__ = [
     "create_database",
     "drop_database",
     "find_bin_dir",
+    "pause_server",
     "pg_db",
     "pg_server",
+    "resume_server",
     "start_server",
     "stop_server",
     "throwaway_server",
@@ -86,7 +88,9 @@ class PgServer:
     def url(self, dbname: str, user: str = SUPERUSER) -> str:
         return f"postgresql://{user}@{self.host}:{self.port}/{dbname}"
 
-    def connect(self, dbname: str = "postgres", *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(
+        self, dbname: str = "postgres", *, autocommit: bool = True
+    ) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.url(dbname), autocommit=autocommit, connect_timeout=10)
 
 
@@ -189,7 +193,9 @@ def start_server() -> PgServer:
         del os.environ[key]
     with server.connect() as conn:
         conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(PASSWORD_ROLE), sql.Literal(PASSWORD))
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(PASSWORD_ROLE), sql.Literal(PASSWORD)
+            )
         )
     return server
 
@@ -198,12 +204,8 @@ def _start_on_some_port(bin_dir: str, base: str) -> PgServer:
     error: PgUnavailable | None = None
     for _ in range(_START_ATTEMPTS):  # the port may be taken between our probe and the bind
         server = PgServer(bin_dir=bin_dir, base_dir=base, host="127.0.0.1", port=_free_port())
-        options = (
-            f"-p {server.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c full_page_writes=off -c max_connections=60"
-        )
         try:
-            _run([f"{bin_dir}/pg_ctl", "-D", server.data_dir, "-l", server.log_path, "-w", "-t", "30", "-o", options, "start"])
+            _pg_ctl_start(server)
             return server
         except PgUnavailable as e:
             error = e
@@ -211,6 +213,38 @@ def _start_on_some_port(bin_dir: str, base: str) -> PgServer:
     with contextlib.suppress(OSError):
         error = PgUnavailable(f"{error}; server log: {Path(base, 'log').read_text()[-800:]}")
     raise error
+
+
+def _pg_ctl_start(server: PgServer) -> None:
+    options = (
+        f"-p {server.port} -k {server.base_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c full_page_writes=off -c max_connections=60"
+    )
+    _run(
+        [
+            f"{server.bin_dir}/pg_ctl",
+            "-D",
+            server.data_dir,
+            "-l",
+            server.log_path,
+            "-w",
+            "-t",
+            "30",
+            "-o",
+            options,
+            "start",
+        ]
+    )
+
+
+def pause_server(server: PgServer) -> None:
+    """Stop the server (fast shutdown: connections are cut) but keep its data: an outage."""
+    _run([f"{server.bin_dir}/pg_ctl", "-D", server.data_dir, "-m", "fast", "-w", "stop"])
+
+
+def resume_server(server: PgServer) -> None:
+    """Start a paused server again on the same port with the same data."""
+    _pg_ctl_start(server)
 
 
 def stop_server(server: PgServer) -> None:
@@ -236,7 +270,9 @@ _db_numbers = itertools.count(1)
 def create_database(server: PgServer, template: str = "template1") -> PgDatabase:
     name = f"t{os.getpid()}_{next(_db_numbers)}"
     with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+        )
     return PgDatabase(server=server, name=name)
 
 

@@ -114,6 +114,7 @@ class Broker:
     start_error: str | None = None
     starts: int = 0
     results: dict[str, ScenarioResult] = field(default_factory=dict)
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> supervisor, relay, worker N
 
     @property
     def pid(self) -> int | None:
@@ -128,13 +129,17 @@ class Broker:
         return self.worker_port_base + index
 
     def process_names(self) -> dict[int, str]:
-        """PID -> role in MeshMQ's tree, from the supervisor's 'worker 1 started (pid N)' lines."""
-        names = {self.pid: "supervisor"} if self.pid is not None else {}
+        """PID -> role in MeshMQ's tree, from the supervisor's 'worker 1 started (pid N)' lines.
+
+        Remembered, so that the names outlive the log (the run's temporary directory).
+        """
+        if self.pid is not None:
+            self.roles[self.pid] = "supervisor" if self.spec.kind == "meshmq" else self.spec.kind
         path = self.workdir / "broker.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         for match in re.finditer(r"\b(relay|worker \d+|store) started \(pid (\d+)\)", text):
-            names[int(match.group(2))] = match.group(1)
-        return names
+            self.roles[int(match.group(2))] = match.group(1)
+        return dict(self.roles)
 
     def log_tail(self, lines: int = 5) -> str:
         path = self.workdir / "broker.log"
@@ -193,6 +198,7 @@ class Broker:
         """SIGTERM the process group we created, wait, then SIGKILL it if it lingers."""
         if self.proc is None:
             return
+        self.process_names()
         if self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:

@@ -1,0 +1,497 @@
+"""The PostgreSQL backend: the store of production nodes and the shared store of a cluster.
+
+Why: persistent sessions, queued messages and retained messages must outlive any node, and in a
+cluster every node must see the same queue, handed out to one node at a time. psycopg 3 with a
+`psycopg_pool.ConnectionPool` (sync: the store process is not asyncio).
+
+Must not: be imported by anything but `store.backend` and tests (psycopg loads only when a
+PostgreSQL store is configured); put a password into a message or a log line; set a
+per-connection sequence cache (see the migration: it would break FIFO across pool connections).
+
+Invariants and decisions:
+- `open` first connects once without the pool, so that a wrong URL, bad credentials or a missing
+  database are reported at start as `StoreConfigError` (and an unreachable server as
+  `StoreUnavailable`) with a message naming host, port, database and user, instead of a pool
+  retrying in the background. That connection creates the schema if missing and applies the
+  pending migrations under an advisory lock (two nodes starting together migrate once).
+- Every pooled connection has `search_path` set to the configured schema, and is checked on
+  checkout (one round trip), so a connection that died while idle (a database restart) is
+  replaced instead of failing a batch.
+- `apply`: one transaction. Consecutive `Enqueue` ops become one binary COPY (the hot path:
+  durable QoS 1/2 traffic); consecutive `Ack` ops one DELETE joined against unnest()ed arrays;
+  the other ops run in pipeline mode (one network round trip for the run).
+- `fetch_queue`: SELECT ... ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED, then delete the expired
+  rows among them and hide the rest until now + visibility_s, in one transaction: two nodes
+  fetching at once never get the same row.
+- Errors: connection loss, a refused connection, pool timeouts, deadlocks and the like
+  (`psycopg.OperationalError`) are `StoreUnavailable`; data that the server rejects is
+  `StoreRecordError`; anything else from the driver is `StoreError`. The transaction is rolled
+  back in every case (the pool discards a broken connection).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from store.errors import StoreConfigError, StoreError, StoreRecordError, StoreUnavailable
+from store.migrate import load_migrations, pending_migrations
+from store.records import (
+    Ack,
+    ClearRetained,
+    DeleteSession,
+    Enqueue,
+    QueuedRecord,
+    RetainedRecord,
+    SessionRecord,
+    SetOnline,
+    SetRetained,
+    SubscriptionRecord,
+    UpsertSession,
+    WillRecord,
+    WriteOp,
+    check_ops,
+)
+
+__all__ = ["PostgresBackend"]
+
+_Conn = psycopg.Connection[tuple[Any, ...]]
+# Rows come back from the driver as tuples of Any; the private converters below give them types.
+_Row = tuple[Any, ...]
+
+_APPLICATION_NAME: Final = "meshmq-store"
+# Substrings of libpq's connection errors that retrying cannot fix (it reports no SQLSTATE there).
+_CONFIG_ERRORS: Final = (
+    "password authentication failed",
+    "no password supplied",
+    "no pg_hba.conf entry",
+    "does not exist",  # database or role
+    "permission denied",
+    "authentication method",
+    "invalid connection option",
+    "invalid port number",
+    "invalid integer value",
+    "invalid sslmode",
+    "server does not support ssl",
+)
+_PREFIX: Final = re.compile(
+    r'^(connection failed: )?(connection to server at "[^"]*"(?: \([^)]*\))?, port \d+ failed: )?'
+)
+
+_QUEUE_COPY: Final = (
+    "COPY queue (client_id, msg_id, qos, retain, sub_ids, topic, payload, props, origin, expires_at) "
+    "FROM STDIN (FORMAT BINARY)"
+)
+_QUEUE_COPY_TYPES: Final = [
+    "text",
+    "int8",
+    "int2",
+    "bool",
+    "int4[]",
+    "text",
+    "bytea",
+    "bytea",
+    "text",
+    "float8",
+]
+_ACK: Final = (
+    "DELETE FROM queue q USING unnest(%s::text[], %s::int8[]) AS a(client_id, msg_id) "
+    "WHERE q.client_id = a.client_id AND q.msg_id = a.msg_id"
+)
+_SESSION_COLUMNS: Final = (
+    "client_id, expiry_s, online, node, epoch, updated_at, "
+    "will_topic, will_payload, will_qos, will_retain, will_props, will_delay_s"
+)
+_SUB_COLUMNS: Final = (
+    "client_id, position, key_filter, topic_filter, qos, no_local, retain_as_published, "
+    "retain_handling, subscription_id, share_group"
+)
+_UPSERT_SESSION: Final = (
+    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    "ON CONFLICT (client_id) DO UPDATE SET expiry_s = excluded.expiry_s, online = excluded.online, "
+    "node = excluded.node, epoch = excluded.epoch, updated_at = excluded.updated_at, "
+    "will_topic = excluded.will_topic, will_payload = excluded.will_payload, will_qos = excluded.will_qos, "
+    "will_retain = excluded.will_retain, will_props = excluded.will_props, will_delay_s = excluded.will_delay_s"
+)
+_INSERT_SUB: Final = f"INSERT INTO subscriptions ({_SUB_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+_UPSERT_RETAINED: Final = (
+    "INSERT INTO retained (topic, payload, qos, props, origin, expires_at, updated_at) "
+    "VALUES (%s,%s,%s,%s,%s,%s,%s) "
+    "ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos, props = excluded.props, "
+    "origin = excluded.origin, expires_at = excluded.expires_at, updated_at = excluded.updated_at"
+)
+_FETCH: Final = (
+    "SELECT seq, msg_id, qos, retain, sub_ids, topic, payload, props, origin, expires_at FROM queue "
+    "WHERE client_id = %s AND seq > %s AND invisible_until <= %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+
+
+class PostgresBackend:
+    name = "postgres"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        user: str = "",
+        password: str = "",
+        schema: str = "meshmq",
+        pool_size: int = 4,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        if not schema:
+            raise StoreConfigError("the PostgreSQL schema name is empty")
+        if pool_size < 1:
+            raise StoreConfigError(f"the PostgreSQL pool size must be at least 1, not {pool_size}")
+        self._url = url
+        self._schema = schema
+        self._pool_size = pool_size
+        self._timeout_s = connect_timeout_s
+        self._kwargs: dict[str, Any] = {
+            "application_name": _APPLICATION_NAME,
+            "connect_timeout": max(1, round(connect_timeout_s)),
+        }
+        if user:
+            self._kwargs["user"] = user
+        if password:
+            self._kwargs["password"] = password
+        self._where = "PostgreSQL (URL not parsed yet)"
+        self._pool: ConnectionPool[_Conn] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            info = conninfo_to_dict(self._url)
+        except psycopg.ProgrammingError as e:
+            raise StoreConfigError(f"the PostgreSQL URL is not valid: {_one_line(str(e))}") from None
+        self._where = _describe(info, self._kwargs.get("user"))
+        conn = self._connect_once()
+        try:
+            self._prepare_schema(conn)
+        except psycopg.Error as e:
+            raise self._error("preparing the schema", e) from None
+        finally:
+            conn.close()
+        pool: ConnectionPool[_Conn] = ConnectionPool(
+            self._url,
+            kwargs=self._kwargs,
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            timeout=self._timeout_s,
+            name="meshmq-store",
+        )
+        try:
+            pool.open(wait=True, timeout=self._timeout_s)
+        except PoolTimeout:
+            pool.close()
+            raise StoreUnavailable(
+                f"{self._where}: the connection pool could not connect; will retry"
+            ) from None
+        self._pool = pool
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _connect_once(self) -> _Conn:
+        try:
+            return psycopg.connect(self._url, autocommit=True, **self._kwargs)
+        except psycopg.OperationalError as e:
+            detail = _one_line(_PREFIX.sub("", str(e)))
+            if any(marker in detail for marker in _CONFIG_ERRORS):
+                raise StoreConfigError(
+                    f"{self._where}: cannot log in or no such database ({detail}); "
+                    "check the store URL, user and password"
+                ) from None
+            raise StoreUnavailable(f"{self._where}: unreachable ({detail}); will retry") from None
+        except psycopg.Error as e:
+            raise StoreConfigError(f"{self._where}: cannot connect ({_one_line(str(e))})") from None
+
+    def _prepare_schema(self, conn: _Conn) -> None:
+        schema = sql.Identifier(self._schema)
+        lock_key = f"meshmq.migrate.{self._schema}"
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock_key,))
+        try:
+            with conn.transaction():
+                exists = conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema,)
+                ).fetchone()
+                if exists is None:
+                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+                conn.execute(sql.SQL("SET search_path TO {}").format(schema))
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
+                    "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+            for migration in pending_migrations(load_migrations("postgres"), _version(conn)):
+                try:
+                    with conn.transaction():
+                        conn.execute(migration.sql.encode())  # bytes: several statements, no parameters
+                        conn.execute(
+                            "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+                            (migration.version, migration.name),
+                        )
+                except psycopg.Error as e:
+                    if isinstance(e, psycopg.OperationalError):
+                        raise  # connection lost: StoreUnavailable from open()
+                    raise StoreError(
+                        f"{self._where}: migration {migration.version:03d}_{migration.name} failed and was "
+                        f"rolled back ({type(e).__name__}: {_one_line(str(e))})"
+                    ) from None
+        finally:
+            with suppress(psycopg.Error):  # a lost connection has released the lock already
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key,))
+
+    def _configure(self, conn: _Conn) -> None:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
+        conn.commit()
+
+    def schema_version(self) -> int:
+        with self._connection("reading the schema version") as conn:
+            return _version(conn)
+
+    # --- writes -------------------------------------------------------------------------------------
+
+    def apply(self, ops: Sequence[WriteOp]) -> None:
+        check_ops(ops)
+        if not ops:
+            return
+        with self._connection("writing a batch") as conn, conn.transaction(), conn.cursor() as cur:
+            i, n = 0, len(ops)
+            while i < n:
+                if type(ops[i]) is Enqueue:
+                    with cur.copy(_QUEUE_COPY) as copy:
+                        copy.set_types(_QUEUE_COPY_TYPES)
+                        while i < n and type(op := ops[i]) is Enqueue:
+                            for r in op.records:
+                                copy.write_row(
+                                    (
+                                        r.client_id,
+                                        r.msg_id,
+                                        r.qos,
+                                        r.retain,
+                                        r.sub_ids,
+                                        r.topic,
+                                        r.payload,
+                                        r.props,
+                                        r.origin,
+                                        r.expires_at,
+                                    )
+                                )
+                            i += 1
+                    continue
+                with conn.pipeline():
+                    while i < n and type(op := ops[i]) is not Enqueue:
+                        if type(op) is Ack:
+                            client_ids: list[str] = []
+                            msg_ids: list[int] = []
+                            while i < n and type(ack := ops[i]) is Ack:
+                                client_ids.extend([ack.client_id] * len(ack.msg_ids))
+                                msg_ids.extend(ack.msg_ids)
+                                i += 1
+                            if msg_ids:
+                                cur.execute(_ACK, (client_ids, msg_ids))
+                            continue
+                        _execute_other(cur, op)
+                        i += 1
+
+    # --- reads --------------------------------------------------------------------------------------
+
+    def load_session(self, client_id: str) -> SessionRecord | None:
+        with self._connection("loading a session") as conn:
+            row = conn.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE client_id = %s", (client_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            subs = conn.execute(
+                f"SELECT {_SUB_COLUMNS} FROM subscriptions WHERE client_id = %s ORDER BY position",
+                (client_id,),
+            ).fetchall()
+            return _session(row, [_subscription(s) for s in subs])
+
+    def sessions(self) -> list[SessionRecord]:
+        with self._connection("loading the sessions") as conn, conn.transaction():
+            subs: dict[str, list[SubscriptionRecord]] = {}
+            for s in conn.execute(f"SELECT {_SUB_COLUMNS} FROM subscriptions ORDER BY client_id, position"):
+                subs.setdefault(s[0], []).append(_subscription(s))
+            rows = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY client_id").fetchall()
+            return [_session(row, subs.get(row[0], [])) for row in rows]
+
+    def fetch_queue(self, client_id: str, limit: int, visibility_s: float, now: float) -> list[QueuedRecord]:
+        if limit <= 0:
+            return []
+        with self._connection("fetching queued messages") as conn, conn.transaction():
+            out: list[QueuedRecord] = []
+            expired: list[int] = []
+            after_seq = 0
+            while len(out) < limit:
+                want = limit - len(out)
+                rows = conn.execute(_FETCH, (client_id, after_seq, now, want)).fetchall()
+                for row in rows:
+                    expires_at = row[9]
+                    if expires_at is not None and expires_at <= now:
+                        expired.append(row[0])
+                    else:
+                        out.append(_queued(client_id, row))
+                if len(rows) < want:
+                    break
+                after_seq = rows[-1][0]
+            if expired:
+                conn.execute("DELETE FROM queue WHERE client_id = %s AND seq = ANY(%s)", (client_id, expired))
+            if out:
+                conn.execute(
+                    "UPDATE queue SET invisible_until = %s WHERE client_id = %s AND seq = ANY(%s)",
+                    (now + visibility_s, client_id, [r.seq for r in out]),
+                )
+            return out
+
+    def queue_depth(self, client_id: str) -> int:
+        with self._connection("counting queued messages") as conn:
+            row = conn.execute("SELECT count(*) FROM queue WHERE client_id = %s", (client_id,)).fetchone()
+            return 0 if row is None else int(row[0])
+
+    def retained(self, now: float) -> list[RetainedRecord]:
+        with self._connection("loading retained messages") as conn:
+            rows = conn.execute(
+                "SELECT topic, payload, qos, props, origin, expires_at, updated_at FROM retained "
+                "WHERE expires_at IS NULL OR expires_at > %s ORDER BY topic",
+                (now,),
+            ).fetchall()
+            return [RetainedRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    # --- plumbing -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self, doing: str) -> Iterator[_Conn]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError(f"{self._where}: the store is not open")
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except psycopg.Error as e:
+            raise self._error(doing, e) from None
+
+    def _error(self, doing: str, e: psycopg.Error) -> StoreError:
+        detail = _one_line(str(e))
+        if isinstance(e, PoolTimeout):
+            return StoreUnavailable(
+                f"{self._where}: no connection for {doing} within {self._timeout_s:g} s ({detail}); will retry"
+            )
+        if isinstance(e, psycopg.OperationalError):
+            return StoreUnavailable(f"{self._where}: {doing} failed ({detail}); rolled back, will retry")
+        if isinstance(e, psycopg.DataError | psycopg.IntegrityError):
+            return StoreRecordError(f"{self._where}: {doing} failed, the server rejected the data ({detail})")
+        return StoreError(f"{self._where}: {doing} failed ({type(e).__name__}: {detail})")
+
+
+def _execute_other(cur: psycopg.Cursor[_Row], op: WriteOp) -> None:
+    if type(op) is UpsertSession:
+        r = op.record
+        w = r.will
+        cur.execute(
+            _UPSERT_SESSION,
+            (r.client_id, r.expiry_s, r.online, r.node, r.epoch, r.updated_at)
+            + (
+                (None, None, None, None, None, None)
+                if w is None
+                else (w.topic, w.payload, w.qos, w.retain, w.props, w.delay_s)
+            ),
+        )
+        cur.execute("DELETE FROM subscriptions WHERE client_id = %s", (r.client_id,))
+        for position, s in enumerate(r.subscriptions):
+            cur.execute(
+                _INSERT_SUB,
+                (
+                    r.client_id,
+                    position,
+                    s.key_filter,
+                    s.topic_filter,
+                    s.qos,
+                    s.no_local,
+                    s.retain_as_published,
+                    s.retain_handling,
+                    s.subscription_id,
+                    s.share_group,
+                ),
+            )
+    elif type(op) is DeleteSession:
+        cur.execute("DELETE FROM queue WHERE client_id = %s", (op.client_id,))
+        cur.execute("DELETE FROM sessions WHERE client_id = %s", (op.client_id,))  # subscriptions cascade
+    elif type(op) is SetOnline:
+        cur.execute(
+            "UPDATE sessions SET online = %s, node = %s, epoch = %s, updated_at = %s WHERE client_id = %s",
+            (op.online, op.node, op.epoch, op.at, op.client_id),
+        )
+    elif type(op) is SetRetained:
+        k = op.record
+        cur.execute(
+            _UPSERT_RETAINED, (k.topic, k.payload, k.qos, k.props, k.origin, k.expires_at, k.updated_at)
+        )
+    elif type(op) is ClearRetained:
+        cur.execute("DELETE FROM retained WHERE topic = %s", (op.topic,))
+    else:  # Enqueue and Ack are batched by the caller
+        raise StoreError(f"unexpected write op {type(op).__name__}")
+
+
+def _version(conn: _Conn) -> int:
+    row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _describe(info: dict[str, Any], user: object) -> str:
+    host = info.get("host") or "the local socket"
+    port = info.get("port") or "5432"
+    dbname = info.get("dbname") or "(default)"
+    who = user or info.get("user") or "(default)"
+    return f"PostgreSQL at {host}:{port} (database {dbname}, user {who})"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _queued(client_id: str, row: _Row) -> QueuedRecord:
+    seq, msg_id, qos, retain, sub_ids, topic, payload, props, origin, expires_at = row
+    return QueuedRecord(
+        client_id, msg_id, qos, retain, tuple(sub_ids), topic, payload, props, origin, expires_at, seq
+    )
+
+
+def _subscription(s: _Row) -> SubscriptionRecord:
+    _client_id, _position, key_filter, topic_filter, qos, no_local, rap, rh, sub_id, group = s
+    return SubscriptionRecord(key_filter, topic_filter, qos, no_local, rap, rh, sub_id, group)
+
+
+def _session(row: _Row, subs: list[SubscriptionRecord]) -> SessionRecord:
+    (
+        client_id,
+        expiry_s,
+        online,
+        node,
+        epoch,
+        updated_at,
+        w_topic,
+        w_payload,
+        w_qos,
+        w_retain,
+        w_props,
+        w_delay,
+    ) = row
+    will = None if w_payload is None else WillRecord(w_topic, w_payload, w_qos, w_retain, w_props, w_delay)
+    return SessionRecord(client_id, expiry_s, tuple(subs), will, online, node, epoch, updated_at)
