@@ -270,44 +270,11 @@ class PostgresBackend:
         check_ops(ops)
         if not ops:
             return
-        with self._connection("writing a batch") as conn, conn.transaction(), conn.cursor() as cur:
-            i, n = 0, len(ops)
-            while i < n:
-                if type(ops[i]) is Enqueue:
-                    with cur.copy(_QUEUE_COPY) as copy:
-                        copy.set_types(_QUEUE_COPY_TYPES)
-                        while i < n and type(op := ops[i]) is Enqueue:
-                            for r in op.records:
-                                copy.write_row(
-                                    (
-                                        r.client_id,
-                                        r.msg_id,
-                                        r.qos,
-                                        r.retain,
-                                        r.sub_ids,
-                                        r.topic,
-                                        r.payload,
-                                        r.props,
-                                        r.origin,
-                                        r.expires_at,
-                                    )
-                                )
-                            i += 1
-                    continue
-                with conn.pipeline():
-                    while i < n and type(op := ops[i]) is not Enqueue:
-                        if type(op) is Ack:
-                            client_ids: list[str] = []
-                            msg_ids: list[int] = []
-                            while i < n and type(ack := ops[i]) is Ack:
-                                client_ids.extend([ack.client_id] * len(ack.msg_ids))
-                                msg_ids.extend(ack.msg_ids)
-                                i += 1
-                            if msg_ids:
-                                cur.execute(_ACK, (client_ids, msg_ids))
-                            continue
-                        _execute_other(cur, op)
-                        i += 1
+        try:
+            with self._connection("writing a batch") as conn, conn.transaction(), conn.cursor() as cur:
+                _write(conn, cur, ops)
+        except (TypeError, ValueError) as e:  # a value the driver cannot send (check_ops lets none through)
+            raise StoreRecordError(f"{self._where}: writing a batch failed ({e}); rolled back") from None
 
     # --- reads --------------------------------------------------------------------------------------
 
@@ -398,6 +365,47 @@ class PostgresBackend:
         if isinstance(e, psycopg.DataError | psycopg.IntegrityError):
             return StoreRecordError(f"{self._where}: {doing} failed, the server rejected the data ({detail})")
         return StoreError(f"{self._where}: {doing} failed ({type(e).__name__}: {detail})")
+
+
+def _write(conn: _Conn, cur: psycopg.Cursor[_Row], ops: Sequence[WriteOp]) -> None:
+    """The ops in order: runs of Enqueue as one COPY, runs of Ack as one DELETE, the rest pipelined."""
+    i, n = 0, len(ops)
+    while i < n:
+        if type(ops[i]) is Enqueue:
+            with cur.copy(_QUEUE_COPY) as copy:
+                copy.set_types(_QUEUE_COPY_TYPES)
+                while i < n and type(op := ops[i]) is Enqueue:
+                    for r in op.records:
+                        copy.write_row(
+                            (
+                                r.client_id,
+                                r.msg_id,
+                                r.qos,
+                                r.retain,
+                                list(r.sub_ids),  # the array dumper takes lists only
+                                r.topic,
+                                r.payload,
+                                r.props,
+                                r.origin,
+                                r.expires_at,
+                            )
+                        )
+                    i += 1
+            continue
+        with conn.pipeline():
+            while i < n and type(op := ops[i]) is not Enqueue:
+                if type(op) is Ack:
+                    client_ids: list[str] = []
+                    msg_ids: list[int] = []
+                    while i < n and type(ack := ops[i]) is Ack:
+                        client_ids.extend([ack.client_id] * len(ack.msg_ids))
+                        msg_ids.extend(ack.msg_ids)
+                        i += 1
+                    if msg_ids:
+                        cur.execute(_ACK, (client_ids, msg_ids))
+                    continue
+                _execute_other(cur, op)
+                i += 1
 
 
 def _execute_other(cur: psycopg.Cursor[_Row], op: WriteOp) -> None:

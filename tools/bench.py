@@ -67,6 +67,8 @@ MAX_WORKER_PORT = 65_535
 GENERATOR_SATURATED_PCT = 90.0
 RSS_POLL_S = 0.25
 DEFAULT_MAX_BROKER_RSS_MIB = 4096  # the machine is shared: a broker that bloats past this is killed
+BLOATED_RSS_MIB = 1024  # a peak above this is worth a warning
+PEAK_RSS = "broker peak RSS"  # sampled every RSS_POLL_S over the whole scenario, not only the window
 RUN_ORDER = ("idle-connections", "fan-in", "fan-out", "qos1-pairs", "latency")
 DEFAULT_VARIANTS = "w1:-workers 1;w2:-workers 2"
 CROSS_ARGS = "-workers 2"
@@ -419,6 +421,15 @@ def render_problems(brokers: list[Broker]) -> list[str]:
             lines.append(f"{broker.spec.label}: started {broker.starts} times (it died during the run)")
         for scenario, result in broker.results.items():
             lines.extend(f"{broker.spec.label} {scenario}: {error}" for error in result.errors)
+            if stalled(result):
+                lines.append(
+                    f"{broker.spec.label} {scenario}: nothing delivered in the measured window (stalled)"
+                )
+            peak_mib = result.value(PEAK_RSS)
+            if peak_mib is not None and peak_mib >= BLOATED_RSS_MIB:
+                lines.append(
+                    f"{broker.spec.label} {scenario}: warning: the broker's RSS peaked at {peak_mib:,.0f} MiB"
+                )
             busiest = result.value("generator busiest proc CPU")
             if busiest is not None and busiest >= GENERATOR_SATURATED_PCT:
                 lines.append(
@@ -428,9 +439,14 @@ def render_problems(brokers: list[Broker]) -> list[str]:
     return lines
 
 
+def stalled(result: ScenarioResult) -> bool:
+    """Figures, but the headline (messages or connections per second) is zero."""
+    return bool(result.metrics) and result.metrics[0].value == 0
+
+
 def failed(brokers: list[Broker]) -> bool:
-    """A broker that did not start or a scenario without figures fails the run (exit code 1)."""
-    return any(b.start_error or any(not r.metrics for r in b.results.values()) for b in brokers)
+    """A broker that did not start, a scenario without figures or a stalled one fails the run."""
+    return any(b.start_error or any(not r.metrics or stalled(r) for r in b.results.values()) for b in brokers)
 
 
 # --- cross-worker scenarios --------------------------------------------------------------------
@@ -457,20 +473,34 @@ def cross_ratios(runs: list[CrossRun]) -> dict[str, float | None]:
 
 
 def render_cross_table(runs: list[CrossRun]) -> str:
-    header = ["scenario", "clients", "msgs/s", "loss %", "CPU µs/msg", "broker CPU %", "CPU by process"]
+    header = [
+        "scenario",
+        "clients",
+        "msgs/s",
+        "loss %",
+        "CPU µs/msg",
+        "peak RSS MiB",
+        "broker CPU %",
+        "CPU by process",
+    ]
     rows = [header]
     for cross, broker in runs:
         result = broker.results.get(cross.name)
         clients = f"pub w{cross.pub_worker} -> sub w{cross.sub_worker}"
         if result is None or not result.metrics:
-            rows.append([cross.name, clients, "FAILED" if result else "not run", "", "", "", ""])
+            rows.append([cross.name, clients, "FAILED" if result else "not run", *[""] * 5])
             continue
         rate = result.metrics[0].value  # received msg/s or deliveries/s: the scenario's headline
-        cells = [_fmt(rate), _fmt(result.value("loss")), _fmt(result.value("broker CPU µs/msg"))]
+        cells = [
+            _fmt(rate),
+            _fmt(result.value("loss")),
+            _fmt(result.value("broker CPU µs/msg")),
+            _fmt(result.value(PEAK_RSS)),
+        ]
         rows.append(
             [cross.name, clients, *cells, _fmt(result.value("broker CPU")), cpu_by_process(broker, result)]
         )
-    lines = _align(rows, left=(0, 1, 6))
+    lines = _align(rows, left=(0, 1, 7))
     verdicts = []
     for base, ratio in cross_ratios(runs).items():
         if ratio is None:
@@ -585,13 +615,15 @@ def run_on(broker: Broker, name: str, base: str, params: Params, max_rss_mib: in
             result = replace(run_scenario(base, HOST, broker.port, params, broker.pid), scenario=name)
         except Exception as exc:  # one failed scenario must not end the run
             result = ScenarioResult(name, (), (f"{type(exc).__name__}: {exc}",))
-    notes = (*result.notes, f"broker peak RSS {guard.peak_bytes / 2**20:.0f} MiB")
+    metrics = result.metrics
+    if metrics:
+        metrics = (*metrics, Metric(PEAK_RSS, guard.peak_bytes / 2**20, "MiB", "lower"))
     errors = result.errors
     if guard.killed_at_bytes is not None:
         errors = (*errors, f"broker killed: its RSS reached {guard.killed_at_bytes / 2**20:.0f} MiB")
     elif not broker.alive():
         errors = (*errors, f"broker exited during the scenario; log: {broker.log_tail()}")
-    return replace(result, errors=errors, notes=notes)
+    return replace(result, metrics=metrics, errors=errors)
 
 
 def run_cross(

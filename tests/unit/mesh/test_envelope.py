@@ -344,6 +344,26 @@ def test_control_kinds_table() -> None:
         "seen": 2,
         "synced": 1,
         "dead": 1,
+        # the store plane
+        "save": 1,
+        "ok": 0,
+        "drop": 1,
+        "online": 4,
+        "enqueue": 2,
+        "retain": 3,
+        "durable": 0,
+        "refused": 1,
+        "ack": 2,
+        "load": 1,
+        "loaded": 2,
+        "failed": 1,
+        "dsnap": 0,
+        "dsubs": 1,
+        "dsub": 2,
+        "recover": 1,
+        "wills": 1,
+        "rsnap": 0,
+        "rstate": 1,
     }
     with pytest.raises(TypeError):
         CONTROL_KINDS["new"] = 1  # type: ignore[index]
