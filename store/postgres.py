@@ -20,9 +20,13 @@ Invariants and decisions:
 - `apply`: one transaction. Consecutive `Enqueue` ops become one binary COPY (the hot path:
   durable QoS 1/2 traffic); consecutive `Ack` ops one DELETE joined against unnest()ed arrays;
   the other ops run in pipeline mode (one network round trip for the run).
-- `fetch_queue`: SELECT ... ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED, then delete the expired
-  rows among them and hide the rest until now + visibility_s, in one transaction: two nodes
-  fetching at once never get the same row.
+- `fetch_queue`: SELECT ... ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED, hiding those rows
+  until now + visibility_s in the same statement, then deleting the expired ones among them,
+  in one transaction: two nodes fetching at once never get the same row.
+- Every store connection pins index plans (`_configure`): the queue's statistics are always
+  stale, and a plan that scans all of a client's rows per fetch makes a drain quadratic.
+- Arrays sent as parameters are cast (`%s::int8[]`): psycopg types a list of small ints as
+  int2[], which no index on a bigint column serves.
 - Errors: connection loss, a refused connection, pool timeouts, deadlocks and the like
   (`psycopg.OperationalError`) are `StoreUnavailable`; data that the server rejects is
   `StoreRecordError`; anything else from the driver is `StoreError`. The transaction is rolled
@@ -34,6 +38,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from operator import attrgetter
 from typing import Any, Final
 
 import psycopg
@@ -120,6 +125,16 @@ _UPSERT_SESSION: Final = (
     "will_topic = excluded.will_topic, will_payload = excluded.will_payload, will_qos = excluded.will_qos, "
     "will_retain = excluded.will_retain, will_props = excluded.will_props, will_delay_s = excluded.will_delay_s"
 )
+_SUB_FIELDS: Final = attrgetter(
+    "key_filter",
+    "topic_filter",
+    "qos",
+    "no_local",
+    "retain_as_published",
+    "retain_handling",
+    "subscription_id",
+    "share_group",
+)  # the columns of _INSERT_SUB after client_id and position
 _INSERT_SUB: Final = f"INSERT INTO subscriptions ({_SUB_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
 _UPSERT_RETAINED: Final = (
     "INSERT INTO retained (topic, payload, qos, props, origin, expires_at, updated_at) "
@@ -127,9 +142,15 @@ _UPSERT_RETAINED: Final = (
     "ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos, props = excluded.props, "
     "origin = excluded.origin, expires_at = excluded.expires_at, updated_at = excluded.updated_at"
 )
+# Lock, hide and return in one statement: the CTE picks the client's next visible rows in seq
+# order, skipping rows another transaction holds; the UPDATE hides them and returns them (in no
+# particular order: the caller sorts by seq).
 _FETCH: Final = (
-    "SELECT seq, msg_id, qos, retain, sub_ids, topic, payload, props, origin, expires_at FROM queue "
-    "WHERE client_id = %s AND seq > %s AND invisible_until <= %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED"
+    "WITH picked AS (SELECT seq FROM queue WHERE client_id = %(client)s AND seq > %(after)s::int8 "
+    "AND invisible_until <= %(now)s ORDER BY seq LIMIT %(want)s FOR UPDATE SKIP LOCKED) "
+    "UPDATE queue q SET invisible_until = %(hidden_until)s FROM picked "
+    "WHERE q.client_id = %(client)s AND q.seq = picked.seq "
+    "RETURNING q.seq, q.msg_id, q.qos, q.retain, q.sub_ids, q.topic, q.payload, q.props, q.origin, q.expires_at"
 )
 
 
@@ -258,6 +279,13 @@ class PostgresBackend:
 
     def _configure(self, conn: _Conn) -> None:
         conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
+        # The queue's statistics are always stale (it fills and drains in seconds). With a low row
+        # estimate the planner picks a bitmap or sequential scan plus a sort of ALL of a client's
+        # rows for every fetch (and a hash join over the whole queue for an Ack), which makes
+        # draining a backlog quadratic. Every store query is served best by a btree index (the
+        # fetch by (client_id, seq) in order, Ack by (client_id, msg_id)), so the plans are pinned.
+        conn.execute("SET enable_bitmapscan = off")
+        conn.execute("SET enable_seqscan = off")
         conn.commit()
 
     def schema_version(self) -> int:
@@ -306,9 +334,17 @@ class PostgresBackend:
             out: list[QueuedRecord] = []
             expired: list[int] = []
             after_seq = 0
+            hidden_until = now + visibility_s
             while len(out) < limit:
                 want = limit - len(out)
-                rows = conn.execute(_FETCH, (client_id, after_seq, now, want)).fetchall()
+                params = {
+                    "client": client_id,
+                    "after": after_seq,
+                    "now": now,
+                    "want": want,
+                    "hidden_until": hidden_until,
+                }
+                rows = sorted(conn.execute(_FETCH, params).fetchall(), key=lambda row: int(row[0]))
                 for row in rows:
                     expires_at = row[9]
                     if expires_at is not None and expires_at <= now:
@@ -319,11 +355,8 @@ class PostgresBackend:
                     break
                 after_seq = rows[-1][0]
             if expired:
-                conn.execute("DELETE FROM queue WHERE client_id = %s AND seq = ANY(%s)", (client_id, expired))
-            if out:
                 conn.execute(
-                    "UPDATE queue SET invisible_until = %s WHERE client_id = %s AND seq = ANY(%s)",
-                    (now + visibility_s, client_id, [r.seq for r in out]),
+                    "DELETE FROM queue WHERE client_id = %s AND seq = ANY(%s::int8[])", (client_id, expired)
                 )
             return out
 
@@ -423,21 +456,7 @@ def _execute_other(cur: psycopg.Cursor[_Row], op: WriteOp) -> None:
         )
         cur.execute("DELETE FROM subscriptions WHERE client_id = %s", (r.client_id,))
         for position, s in enumerate(r.subscriptions):
-            cur.execute(
-                _INSERT_SUB,
-                (
-                    r.client_id,
-                    position,
-                    s.key_filter,
-                    s.topic_filter,
-                    s.qos,
-                    s.no_local,
-                    s.retain_as_published,
-                    s.retain_handling,
-                    s.subscription_id,
-                    s.share_group,
-                ),
-            )
+            cur.execute(_INSERT_SUB, (r.client_id, position, *_SUB_FIELDS(s)))
     elif type(op) is DeleteSession:
         cur.execute("DELETE FROM queue WHERE client_id = %s", (op.client_id,))
         cur.execute("DELETE FROM sessions WHERE client_id = %s", (op.client_id,))  # subscriptions cascade

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 import signal
 import time
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ class StoreService:
         except zmq.ZMQError as exc:
             log.warning("store: cannot answer %r: %s", identity, exc)
 
-    def _after_commit(self, identity: bytes, req_id: int, ok_kind: str) -> object:
+    def _after_commit(self, identity: bytes, req_id: int, ok_kind: str) -> Callable[[bool], None]:
         def done(committed: bool) -> None:
             if committed:
                 self._reply(identity, ok_kind, req_id)
@@ -192,7 +193,7 @@ class StoreService:
             rows = tuple(wire.queued_from_wire(r) for r in rows_wire)
             self.writer.submit(
                 [Enqueue(rows)], self._after_commit(identity, req, "durable"), now, bool(may_refuse)
-            )  # type: ignore[arg-type]
+            )
         elif kind == "ack":
             client_id, msg_ids = body
             if not isinstance(msg_ids, tuple | list):
@@ -203,7 +204,7 @@ class StoreService:
             record = wire.session_from_wire(session_wire)
             self.subscriptions[record.client_id] = record.subscriptions
             self.known[record.client_id] = _Known(record.online, record.expiry_s, wall)
-            self.writer.submit([UpsertSession(record)], self._after_commit(identity, req, "ok"), now)  # type: ignore[arg-type]
+            self.writer.submit([UpsertSession(record)], self._after_commit(identity, req, "ok"), now)
             self._broadcast(record.client_id, record.subscriptions)
         elif kind == "drop":
             (client_id,) = body
@@ -227,7 +228,7 @@ class StoreService:
                 if retained_wire is None
                 else SetRetained(wire.retained_from_wire(retained_wire))
             )
-            self.writer.submit([op], self._after_commit(identity, req, "durable"), now, bool(may_refuse))  # type: ignore[arg-type]
+            self.writer.submit([op], self._after_commit(identity, req, "durable"), now, bool(may_refuse))
         elif kind == "load":
             (client_id,) = body
             self.writer.commit(now, time.monotonic)  # reads see every earlier write

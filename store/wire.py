@@ -80,91 +80,123 @@ def _tuple(value: object, length: int, what: str) -> tuple[object, ...]:
     return tuple(value)
 
 
+def _int(value: object, what: str) -> int:
+    if type(value) is not int:
+        raise WireError(f"{what}: expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _opt_int(value: object, what: str) -> int | None:
+    return None if value is None else _int(value, what)
+
+
+def _str(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise WireError(f"{what}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: object, what: str) -> str | None:
+    return None if value is None else _str(value, what)
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise WireError(f"{what}: expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _bytes(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise WireError(f"{what}: expected binary, got {type(value).__name__}")
+    return value
+
+
+def _opt_bytes(value: object, what: str) -> bytes | None:
+    return None if value is None else _bytes(value, what)
+
+
+def _float(value: object, what: str) -> float:
+    if type(value) not in (float, int):
+        raise WireError(f"{what}: expected a number, got {type(value).__name__}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _opt_float(value: object, what: str) -> float | None:
+    return None if value is None else _float(value, what)
+
+
+def _array(value: object, what: str) -> tuple[object, ...]:
+    if not isinstance(value, tuple | list):
+        raise WireError(f"{what}: expected an array, got {type(value).__name__}")
+    return tuple(value)
+
+
 def subscription_from_wire(value: object) -> SubscriptionRecord:
     t = _tuple(value, 8, "subscription")
-    try:
-        return SubscriptionRecord(
-            str(t[0]),
-            str(t[1]),
-            int(t[2]),
-            bool(t[3]),
-            bool(t[4]),
-            int(t[5]),  # type: ignore[call-overload]
-            None if t[6] is None else int(t[6]),  # type: ignore[call-overload]
-            None if t[7] is None else str(t[7]),
-        )
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"subscription: {exc}") from None
+    w = "subscription"
+    return SubscriptionRecord(
+        _str(t[0], w),
+        _str(t[1], w),
+        _int(t[2], w),
+        _bool(t[3], w),
+        _bool(t[4], w),
+        _int(t[5], w),
+        _opt_int(t[6], w),
+        _opt_str(t[7], w),
+    )
 
 
 def will_from_wire(value: object) -> WillRecord:
     t = _tuple(value, 6, "will")
-    if not isinstance(t[1], bytes) or not (t[4] is None or isinstance(t[4], bytes)):
-        raise WireError("will: payload and props must be binary")
-    try:
-        return WillRecord(str(t[0]), t[1], int(t[2]), bool(t[3]), t[4], int(t[5]))  # type: ignore[call-overload]
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"will: {exc}") from None
+    w = "will"
+    return WillRecord(
+        _str(t[0], w), _bytes(t[1], w), _int(t[2], w), _bool(t[3], w), _opt_bytes(t[4], w), _int(t[5], w)
+    )
 
 
 def session_from_wire(value: object) -> SessionRecord:
     t = _tuple(value, 8, "session")
-    subs = t[2]
-    if not isinstance(subs, tuple | list):
-        raise WireError("session: subscriptions must be an array")
-    try:
-        return SessionRecord(
-            str(t[0]),
-            int(t[1]),  # type: ignore[call-overload]
-            tuple(subscription_from_wire(s) for s in subs),
-            None if t[3] is None else will_from_wire(t[3]),
-            bool(t[4]),
-            str(t[5]),
-            int(t[6]),
-            float(t[7]),  # type: ignore[call-overload, arg-type]
-        )
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"session: {exc}") from None
+    w = "session"
+    return SessionRecord(
+        _str(t[0], w),
+        _int(t[1], w),
+        tuple(subscription_from_wire(s) for s in _array(t[2], w)),
+        None if t[3] is None else will_from_wire(t[3]),
+        _bool(t[4], w),
+        _str(t[5], w),
+        _int(t[6], w),
+        _float(t[7], w),
+    )
 
 
 def queued_from_wire(value: object) -> QueuedRecord:
     t = _tuple(value, 11, "queued message")
-    if not isinstance(t[6], bytes) or not (t[7] is None or isinstance(t[7], bytes)):
-        raise WireError("queued message: payload and props must be binary")
-    sub_ids = t[4]
-    if not isinstance(sub_ids, tuple | list):
-        raise WireError("queued message: sub_ids must be an array")
-    try:
-        return QueuedRecord(
-            str(t[0]),
-            int(t[1]),
-            int(t[2]),
-            bool(t[3]),  # type: ignore[call-overload]
-            tuple(int(i) for i in sub_ids),
-            str(t[5]),
-            t[6],
-            t[7],
-            str(t[8]),
-            None if t[9] is None else float(t[9]),  # type: ignore[arg-type]
-            int(t[10]),  # type: ignore[call-overload]
-        )
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"queued message: {exc}") from None
+    w = "queued message"
+    return QueuedRecord(
+        _str(t[0], w),
+        _int(t[1], w),
+        _int(t[2], w),
+        _bool(t[3], w),
+        tuple(_int(i, w) for i in _array(t[4], w)),
+        _str(t[5], w),
+        _bytes(t[6], w),
+        _opt_bytes(t[7], w),
+        _str(t[8], w),
+        _opt_float(t[9], w),
+        _int(t[10], w),
+    )
 
 
 def retained_from_wire(value: object) -> RetainedRecord:
     t = _tuple(value, 7, "retained message")
-    if not isinstance(t[1], bytes) or not (t[3] is None or isinstance(t[3], bytes)):
-        raise WireError("retained message: payload and props must be binary")
-    try:
-        return RetainedRecord(
-            str(t[0]),
-            t[1],
-            int(t[2]),
-            t[3],
-            str(t[4]),  # type: ignore[call-overload]
-            None if t[5] is None else float(t[5]),  # type: ignore[arg-type]
-            float(t[6]),  # type: ignore[arg-type]
-        )
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"retained message: {exc}") from None
+    w = "retained message"
+    return RetainedRecord(
+        _str(t[0], w),
+        _bytes(t[1], w),
+        _int(t[2], w),
+        _opt_bytes(t[3], w),
+        _str(t[4], w),
+        _opt_float(t[5], w),
+        _float(t[6], w),
+    )

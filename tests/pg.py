@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 import pytest
@@ -90,7 +90,7 @@ class PgServer:
 
     def connect(
         self, dbname: str = "postgres", *, autocommit: bool = True
-    ) -> psycopg.Connection[tuple[object, ...]]:
+    ) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.url(dbname), autocommit=autocommit, connect_timeout=10)
 
 
@@ -104,7 +104,7 @@ class PgDatabase:
         """Superuser URL of this database (trust auth)."""
         return self.server.url(self.name)
 
-    def connect(self, *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(self, *, autocommit: bool = True) -> psycopg.Connection[tuple[Any, ...]]:
         return self.server.connect(self.name, autocommit=autocommit)
 
 

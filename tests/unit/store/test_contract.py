@@ -80,12 +80,16 @@ def sub(key: str, qos: int = 1, *, sub_id: int | None = None, group: str | None 
     return SubscriptionRecord(key, topic_filter, qos, False, True, 1, sub_id, group)
 
 
-def session(client_id: str = "c1", *, subs: tuple[SubscriptionRecord, ...] = (), will: bool = True) -> SessionRecord:
+def session(
+    client_id: str = "c1", *, subs: tuple[SubscriptionRecord, ...] = (), will: bool = True
+) -> SessionRecord:
     return SessionRecord(
         client_id=client_id,
         expiry_s=3600,
         subscriptions=subs,
-        will=WillRecord("wills/" + client_id, b"\x00gone\xff", 1, True, b"\x81\xa1k\x01", 30) if will else None,
+        will=WillRecord("wills/" + client_id, b"\x00gone\xff", 1, True, b"\x81\xa1k\x01", 30)
+        if will
+        else None,
         online=True,
         node="node-a",
         epoch=7,
@@ -93,7 +97,9 @@ def session(client_id: str = "c1", *, subs: tuple[SubscriptionRecord, ...] = (),
     )
 
 
-def queued(client_id: str, msg_id: int, *, expires_at: float | None = None, topic: str = "t/1") -> QueuedRecord:
+def queued(
+    client_id: str, msg_id: int, *, expires_at: float | None = None, topic: str = "t/1"
+) -> QueuedRecord:
     return QueuedRecord(
         client_id=client_id,
         msg_id=msg_id,
@@ -115,7 +121,16 @@ def retained(topic: str, payload: bytes = b"v", *, expires_at: float | None = No
 def without_seq(records: list[QueuedRecord]) -> list[QueuedRecord]:
     return [
         QueuedRecord(
-            r.client_id, r.msg_id, r.qos, r.retain, r.sub_ids, r.topic, r.payload, r.props, r.origin, r.expires_at
+            r.client_id,
+            r.msg_id,
+            r.qos,
+            r.retain,
+            r.sub_ids,
+            r.topic,
+            r.payload,
+            r.props,
+            r.origin,
+            r.expires_at,
         )
         for r in records
     ]
@@ -169,10 +184,17 @@ def test_delete_session_cascades(backend: Backend) -> None:
 
 def test_set_online(backend: Backend) -> None:
     backend.apply([UpsertSession(session("c1", subs=(sub("a"),)))])
-    backend.apply([SetOnline("c1", False, "node-b", 8, 1_700_000_100.5), SetOnline("ghost", True, "n", 1, 1.0)])
+    backend.apply(
+        [SetOnline("c1", False, "node-b", 8, 1_700_000_100.5), SetOnline("ghost", True, "n", 1, 1.0)]
+    )
     loaded = backend.load_session("c1")
     assert loaded is not None
-    assert (loaded.online, loaded.node, loaded.epoch, loaded.updated_at) == (False, "node-b", 8, 1_700_000_100.5)
+    assert (loaded.online, loaded.node, loaded.epoch, loaded.updated_at) == (
+        False,
+        "node-b",
+        8,
+        1_700_000_100.5,
+    )
     assert loaded.subscriptions == (sub("a"),) and loaded.will == session().will
     assert backend.load_session("ghost") is None  # no-op: SetOnline never creates a session
 
@@ -206,7 +228,7 @@ def test_enqueue_order_within_one_batch_with_other_ops_between(backend: Backend)
 
 
 def test_ack_deletes_rows_and_ignores_missing_ones(backend: Backend) -> None:
-    backend.apply([Enqueue(tuple(queued("a", i) for i in range(1, 7)) + (queued("b", 2),))])
+    backend.apply([Enqueue((*(queued("a", i) for i in range(1, 7)), queued("b", 2)))])
     backend.apply([Ack("a", (2, 4, 99)), Ack("a", ()), Ack("nobody", (1,)), Ack("a", (6,))])
     assert backend.queue_depth("a") == 3
     assert msg_ids(backend.fetch_queue("a", 10, 30.0, 100.0)) == [1, 3, 5]
@@ -258,7 +280,7 @@ def test_expired_rows_are_deleted_not_returned(backend: Backend) -> None:
 
 
 def test_fetch_skips_past_expired_rows_to_fill_the_limit(backend: Backend) -> None:
-    records = tuple(queued("a", i, expires_at=10.0) for i in range(1, 8)) + (queued("a", 8), queued("a", 9))
+    records = (*(queued("a", i, expires_at=10.0) for i in range(1, 8)), queued("a", 8), queued("a", 9))
     backend.apply([Enqueue(records)])
     assert msg_ids(backend.fetch_queue("a", 2, 30.0, 100.0)) == [8, 9]
     assert backend.queue_depth("a") == 2
@@ -277,7 +299,11 @@ def test_retained_set_replace_clear_and_expiry(backend: Backend) -> None:
         ]
     )
     backend.apply([SetRetained(retained("a/1", b"second")), ClearRetained("d/1"), ClearRetained("never")])
-    assert backend.retained(100.0) == [retained("a/1", b"second"), retained("b/1", b"one"), retained("c/1", b"soon", expires_at=150.0)]
+    assert backend.retained(100.0) == [
+        retained("a/1", b"second"),
+        retained("b/1", b"one"),
+        retained("c/1", b"soon", expires_at=150.0),
+    ]
     assert [r.topic for r in backend.retained(150.0)] == ["a/1", "b/1"]  # expires_at <= now: expired
 
 
@@ -285,7 +311,11 @@ def test_retained_set_replace_clear_and_expiry(backend: Backend) -> None:
 
 
 def bad_batches() -> list[list[WriteOp]]:
-    good: list[WriteOp] = [UpsertSession(session("c1")), Enqueue((queued("a", 1),)), SetRetained(retained("r"))]
+    good: list[WriteOp] = [
+        UpsertSession(session("c1")),
+        Enqueue((queued("a", 1),)),
+        SetRetained(retained("r")),
+    ]
     wrong_payload = QueuedRecord("a", 2, 1, False, (), "t", "text, not bytes", None, "n", None)  # type: ignore[arg-type]
     wrong_qos = QueuedRecord("a", 3, True, False, (), "t", b"", None, "n", None)  # True is not QoS 1
     nul_topic = RetainedRecord("a\x00b", b"", 0, None, "n", None, 1.0)  # [MQTT-1.5.4-2]
@@ -348,7 +378,11 @@ def test_reopen_keeps_everything(make_backend: BackendFactory) -> None:
         pytest.skip("nothing in memory outlives the process")
     record = session("c1", subs=(sub("a", sub_id=3),))
     first.apply(
-        [UpsertSession(record), Enqueue((queued("c1", 1), queued("c1", 2))), SetRetained(retained("r", b"kept"))]
+        [
+            UpsertSession(record),
+            Enqueue((queued("c1", 1), queued("c1", 2))),
+            SetRetained(retained("r", b"kept")),
+        ]
     )
     assert msg_ids(first.fetch_queue("c1", 1, 30.0, 100.0)) == [1]
     first.close()

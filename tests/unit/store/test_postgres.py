@@ -100,7 +100,9 @@ def test_unknown_database_is_a_config_error(pg_server: PgServer) -> None:
         backend.open()
 
 
-@pytest.mark.parametrize("url", ["not a url", "postgresql://127.0.0.1:99999999/x", "postgresql://127.0.0.1/db?nonsense=1"])
+@pytest.mark.parametrize(
+    "url", ["not a url", "postgresql://127.0.0.1:99999999/x", "postgresql://127.0.0.1/db?nonsense=1"]
+)
 def test_malformed_url_is_a_config_error(url: str) -> None:
     with pytest.raises(StoreConfigError):
         PostgresBackend(url).open()
@@ -164,7 +166,9 @@ def test_fetch_skips_rows_another_transaction_holds(opened: PostgresBackend, pg_
     assert [r.msg_id for r in opened.fetch_queue("a", 10, 30.0, 100.0)] == [1, 2, 3]
 
 
-def test_two_nodes_fetching_at_once_never_get_the_same_row(opened: PostgresBackend, pg_db: PgDatabase) -> None:
+def test_two_nodes_fetching_at_once_never_get_the_same_row(
+    opened: PostgresBackend, pg_db: PgDatabase
+) -> None:
     total = 600
     opened.apply([Enqueue(tuple(queued("a", i) for i in range(total)))])
     second = PostgresBackend(pg_db.url, pool_size=2)
@@ -179,7 +183,9 @@ def test_two_nodes_fetching_at_once_never_get_the_same_row(opened: PostgresBacke
                 return
             got[name].extend(r.msg_id for r in rows)
 
-    threads = [threading.Thread(target=drain, args=(n, b)) for n, b in (("first", opened), ("second", second))]
+    threads = [
+        threading.Thread(target=drain, args=(n, b)) for n, b in (("first", opened), ("second", second))
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,6 +1,7 @@
 """The load generator: its raw encoders and scanners, its protocols over an in-memory transport,
-/proc sampling, the bench's table, and each scenario for about a second against Debian's
-mosquitto (the reference broker: if a scenario's figures are wrong there, the generator is wrong).
+/proc sampling, the bench's tables, and each scenario for about a second against Debian's
+mosquitto (the reference broker: if a scenario's figures are wrong there, the generator is wrong);
+then the cross-worker scenarios against a real two-worker MeshMQ node.
 """
 
 from __future__ import annotations
@@ -8,17 +9,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tools import bench, procstat
+from tools.loadgen import __main__ as loadgen_cli
 from tools.loadgen import clients, wire
-from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario
+from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario, stages_for
+from tools.loadgen.worker import RoleKind
 
 HAVE_MOSQUITTO = Path(bench.MOSQUITTO).exists()
 
@@ -241,7 +247,167 @@ def test_procstat_charges_a_child_to_its_parents_tree() -> None:
     assert procstat.sample_tree(child.pid).procs == ()
 
 
+# --- placing clients on ports ------------------------------------------------------------------
+
+
+def _ports_by_role(scenario: str, params: Params) -> dict[str, set[int]]:
+    ports: dict[str, set[int]] = {"pub": set(), "sub": set()}
+    for stage in stages_for(scenario, "127.0.0.1", 1883, params):
+        for spec in stage:
+            role = "pub" if spec.kind.publishes else "sub" if spec.kind.subscribes else spec.kind.value
+            ports.setdefault(role, set()).add(spec.port)
+    return ports
+
+
+@pytest.mark.parametrize("scenario", ["fan-in", "fan-out", "qos1-pairs", "latency"])
+def test_publishers_and_subscribers_connect_to_their_own_ports(scenario: str) -> None:
+    assert _ports_by_role(scenario, Params()) == {"pub": {1883}, "sub": {1883}}  # default: the broker's
+    placed = Params(pub_port=2001, sub_port=2002)
+    assert _ports_by_role(scenario, placed) == {"pub": {2001}, "sub": {2002}}
+    assert _ports_by_role(scenario, Params(sub_port=2002)) == {"pub": {1883}, "sub": {2002}}
+
+
+def test_idle_connections_use_the_brokers_port() -> None:
+    ports = _ports_by_role("idle-connections", Params(pub_port=2001, sub_port=2002, idle_connections=10))
+    assert ports[RoleKind.IDLE.value] == {1883}
+
+
+def test_loadgen_cli_takes_pub_and_sub_ports() -> None:
+    args = loadgen_cli.build_parser().parse_args(
+        ["--port", "1883", "--pub-port", "2001", "--sub-port", "2002"]
+    )
+    assert (args.port, args.pub_port, args.sub_port) == (1883, 2001, 2002)
+    args = loadgen_cli.build_parser().parse_args(["--port", "1883"])
+    assert (args.pub_port, args.sub_port) == (None, None)
+
+
 # --- bench helpers ----------------------------------------------------------------------------
+
+
+def test_default_meshmq_columns_are_one_and_two_workers() -> None:
+    specs = bench.broker_specs(bench.build_parser().parse_args([]))
+    assert [(s.label, s.args) for s in specs] == [
+        ("MeshMQ w1", ("-workers", "1")),
+        ("MeshMQ w2", ("-workers", "2")),
+        ("Mosquitto", ()),
+    ]
+    single = bench.broker_specs(bench.build_parser().parse_args(["--meshmq-args=-workers 3"]))
+    assert [(s.label, s.args) for s in single] == [("MeshMQ", ("-workers", "3")), ("Mosquitto", ())]
+
+
+def test_scenario_option_knows_the_cross_worker_scenarios() -> None:
+    args = bench.build_parser().parse_args([])
+    assert args.scenarios == [*SCENARIOS, "fan-in-same", "fan-in-cross", "fan-out-same", "fan-out-cross"]
+    assert bench.build_parser().parse_args(["--scenarios", "fan-out-cross"]).scenarios == ["fan-out-cross"]
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--scenarios", "fan-sideways"])
+    for cross in bench.CROSS_SCENARIOS:
+        assert cross.base in SCENARIOS
+        assert cross.name == f"{cross.base}-{'same' if cross.pub_worker == cross.sub_worker else 'cross'}"
+
+
+def test_free_port_base_gives_consecutive_free_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = bench.free_port_base(3)
+    assert all(bench.port_free(base + i) for i in (1, 2, 3))
+    with socket.socket() as taken:
+        taken.bind((bench.HOST, 0))
+        taken.listen()
+        busy = int(taken.getsockname()[1])
+        assert not bench.port_free(busy)
+        # Candidates: one whose run holds the busy port, one that is `avoid`, then a good one.
+        good = bench.free_port()
+        offers = iter([busy - 1, 40_000, good])
+        monkeypatch.setattr(bench, "free_port", lambda: next(offers))
+        assert bench.free_port_base(2, avoid=40_000) == good - 1
+
+
+def test_meshmq_config_sets_worker_ports_and_a_private_ipc_dir(tmp_path: Path) -> None:
+    broker = bench.Broker(
+        bench.BrokerSpec("MeshMQ cross", "meshmq", ("-workers", "2"), worker_ports=2), tmp_path
+    )
+    broker.port, broker.worker_port_base = 20000, 21000
+    command = broker._command()
+    assert command[-2:] == ("-workers", "2")
+    config = (tmp_path / "meshmq.yaml").read_text()
+    assert "WorkerPortBase: 21000\n" in config
+    assert f"IpcDir: {tmp_path / 'ipc'}\n" in config
+    assert (broker.worker_port(1), broker.worker_port(2)) == (21001, 21002)
+    with pytest.raises(ValueError, match="worker 3"):
+        broker.worker_port(3)
+
+
+def test_process_names_come_from_the_supervisor_log_and_outlive_it(tmp_path: Path) -> None:
+    broker = bench.Broker(bench.BrokerSpec("MeshMQ", "meshmq"), tmp_path)
+    (tmp_path / "broker.log").write_text(
+        "... broker.supervisor: relay started (pid 101)\n"
+        "... broker.supervisor: worker 1 started (pid 102)\n"
+        "... broker.supervisor: worker 2 started (pid 103)\n"
+    )
+    assert broker.process_names() == {101: "relay", 102: "worker 1", 103: "worker 2"}
+    (tmp_path / "broker.log").unlink()
+    assert broker.process_names()[103] == "worker 2"
+
+
+def _cross_result(
+    name: str, rate: float, cpu_us: float | None, by_pid: tuple[tuple[int, float], ...]
+) -> ScenarioResult:
+    metrics = (
+        Metric("received msg/s", rate, "msg/s"),
+        Metric("loss", 0.0, "%", "lower"),
+        Metric("broker CPU µs/msg", cpu_us, "µs", "lower"),
+        Metric("broker CPU", 100.0, "%", ""),
+        Metric(bench.PEAK_RSS, 80.0, "MiB", "lower"),
+    )
+    return ScenarioResult(name, metrics, (), (), by_pid)
+
+
+def test_cross_table_splits_cpu_by_process_and_gives_the_cross_to_same_ratio(tmp_path: Path) -> None:
+    runs = []
+    for cross, cpu_us, by_pid in [
+        (bench.CROSS_BY_NAME["fan-in-same"], 4.0, ((102, 99.0), (103, 0.2))),
+        (bench.CROSS_BY_NAME["fan-in-cross"], 5.0, ((102, 90.0), (103, 70.0), (101, 1.0))),
+        (bench.CROSS_BY_NAME["fan-out-same"], 1.0, ((102, 99.0),)),
+        (bench.CROSS_BY_NAME["fan-out-cross"], 2.0, ((102, 99.0), (103, 99.0))),
+    ]:
+        broker = bench.Broker(bench.BrokerSpec("MeshMQ cross", "meshmq", worker_ports=2), tmp_path)
+        broker.roles = {101: "relay", 102: "worker 1", 103: "worker 2"}
+        broker.results[cross.name] = _cross_result(cross.name, 1000.0, cpu_us, by_pid)
+        runs.append((cross, broker))
+    assert bench.cross_ratios(runs) == {"fan-in": 1.25, "fan-out": 2.0}
+    table = bench.render_cross_table(runs)
+    assert "worker 1 90%, worker 2 70%, relay 1%" in table
+    assert "worker 2 0%" not in table  # below half a percent: left out
+    assert "fan-in 1.25 (met), fan-out 2.00 (MISSED)" in table
+    report = bench.to_json([], bench.build_parser().parse_args([]), datetime.now(), runs)
+    cross_json = report["cross_worker"]
+    assert isinstance(cross_json, dict)
+    assert cross_json["cpu_us_per_msg_ratio_cross_to_same"] == {"fan-in": 1.25, "fan-out": 2.0}
+    json.dumps(report)
+
+
+def test_a_stalled_scenario_is_a_problem_and_fails_the_run(tmp_path: Path) -> None:
+    broker = bench.Broker(bench.BrokerSpec("MeshMQ cross", "meshmq"), tmp_path)
+    broker.results["fan-out-cross"] = _cross_result("fan-out-cross", 0.0, None, ())
+    assert bench.stalled(broker.results["fan-out-cross"])
+    assert bench.failed([broker])
+    assert any("stalled" in line for line in bench.render_problems([broker]))
+    assert bench.cross_ratios([(bench.CROSS_BY_NAME["fan-out-cross"], broker)]) == {}
+
+
+def test_rss_guard_kills_a_process_group_that_bloats() -> None:
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "import time\nblob = bytearray(200 << 20)\ntime.sleep(30)"],
+        start_new_session=True,
+    )
+    try:
+        with bench.RssGuard(hog.pid, 100 << 20) as guard:
+            hog.wait(20)
+        assert hog.returncode == -signal.SIGKILL
+        assert guard.killed_at_bytes is not None and guard.killed_at_bytes > 100 << 20
+    finally:
+        if hog.poll() is None:
+            hog.kill()
+            hog.wait()
 
 
 def test_parse_variants() -> None:
@@ -370,3 +536,38 @@ def test_bench_reports_a_broker_that_cannot_start_and_writes_json(tmp_path: Path
 
 def test_scenario_names_are_the_benchs() -> None:
     assert set(bench.RUN_ORDER) == set(SCENARIOS)
+
+
+# --- cross-worker scenarios against a real two-worker MeshMQ node ---------------------------------
+
+
+@pytest.mark.slow
+def test_cross_worker_scenarios_place_clients_on_the_chosen_workers(tmp_path: Path) -> None:
+    code = bench.main(
+        ["--brokers", "meshmq", "--scenarios", "fan-in-same,fan-in-cross", "--seconds", "1",
+         "--warmup", "0.3", "--results-dir", str(tmp_path)]
+    )  # fmt: skip
+    (path,) = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["brokers"] == []  # cross scenarios only: no main brokers started
+    runs = {run["scenario"]: run for run in report["cross_worker"]["runs"]}
+    assert set(runs) == {"fan-in-same", "fan-in-cross"}
+    for name, run in runs.items():
+        assert run["node"]["worker_port_base"] > 0
+        assert "-workers" in run["node"]["command"]
+        result = run["node"]["results"][name]
+        assert result["ok"], result
+        metrics = {m["name"]: m["value"] for m in result["metrics"]}
+        assert metrics["received msg/s"] > 1000
+        assert metrics["broker CPU µs/msg"] > 0
+        assert metrics[bench.PEAK_RSS] > 0
+    # Same: worker 1 does the work and worker 2 idles; cross: both work.
+    same = runs["fan-in-same"]["node"]["results"]["fan-in-same"]["broker_cpu_pct_by_process"]
+    cross = runs["fan-in-cross"]["node"]["results"]["fan-in-cross"]["broker_cpu_pct_by_process"]
+    # (Relative bounds: the machine is shared, so absolute shares of a core vary.)
+    same_w2 = same.get("worker 2", 0.0)
+    assert same["worker 1"] > 10 and same_w2 < same["worker 1"] / 4
+    assert cross["worker 1"] > 10 and cross["worker 2"] > max(5.0, 4 * same_w2)
+    ratio = report["cross_worker"]["cpu_us_per_msg_ratio_cross_to_same"]["fan-in"]
+    assert ratio is not None and ratio > 0
+    assert code == 0
