@@ -180,13 +180,13 @@ class Relay:
         try:
             dealer.send(env.pack_control("rsnap", 1))
             if not dealer.poll(int(timeout_s * 1000)):
-                log.error("relay: the store did not send the retained messages within %.0fs", timeout_s)
+                log.error("the store did not send the retained messages within %.0fs", timeout_s)
                 return
             control = env.unpack_control(dealer.recv())
         finally:
             dealer.close(0)
         if control.kind != "rstate":
-            log.error("relay: the store could not send the retained messages: %s", control.body)
+            log.error("the store could not send the retained messages: %s", control.body)
             return
         now, wall = time.monotonic(), time.time()
         (records,) = control.body
@@ -197,7 +197,7 @@ class Relay:
                 continue
             props_tuple = None if props is None else msgpack.unpackb(props, use_list=False)
             self.state.retained[topic] = ((qos, True, payload, origin, props_tuple, expiry_ms, 0), now)
-        log.info("relay: %d retained message(s) loaded from the store", len(self.state.retained))
+        log.info("%d retained message(s) loaded from the store", len(self.state.retained))
 
     def serve(self) -> None:
         if self.settings.store:
@@ -231,7 +231,7 @@ class Relay:
         try:
             self.router.send_multipart((identity, env.pack_control(kind, req_id, *body)), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("relay: cannot send %s to %r: %s", kind, identity, exc)
+            log.warning("cannot send %s to %r: %s", kind, identity, exc)
 
     def _drain_router(self, now: float) -> None:
         for _ in range(1024):
@@ -244,12 +244,12 @@ class Relay:
             try:
                 control = env.unpack_control(frame)
             except EnvelopeError as exc:
-                log.warning("relay: bad control frame from %r dropped: %s", identity, exc)
+                log.warning("bad control frame from %r dropped: %s", identity, exc)
                 continue
             try:
                 self._on_control(identity, control, now)
             except Exception:
-                log.exception("relay: control %r from %r failed", control.kind, identity)
+                log.exception("control %r from %r failed", control.kind, identity)
 
     def _on_control(self, identity: bytes, control: env.Control, now: float) -> None:
         state = self.state
@@ -262,7 +262,7 @@ class Relay:
             if known is not None and known.incarnation != incarnation:
                 self._worker_gone(index, "restarted")
             if known is None or known.incarnation != incarnation:
-                log.info("relay: worker %d joined (incarnation %d)", index, incarnation)
+                log.info("worker %d joined (incarnation %d)", index, incarnation)
                 state.workers[index] = _Worker(incarnation, now)
             else:
                 known.last_seen = now
@@ -308,14 +308,14 @@ class Relay:
         for token, sync in list(self.state.syncs.items()):
             if not sync.waiting or (now is not None and now >= sync.deadline):
                 if sync.waiting:
-                    log.warning("relay: barrier %s completed without workers %s", token, sorted(sync.waiting))
+                    log.warning("barrier %s completed without workers %s", token, sorted(sync.waiting))
                 del self.state.syncs[token]
                 self._reply(sync.identity, "synced", sync.req_id, token)
 
     def _worker_gone(self, index: int, why: str) -> None:
         if index not in self.state.workers:
             return
-        log.warning("relay: worker %d %s; forgetting its clients and shared members", index, why)
+        log.warning("worker %d %s; forgetting its clients and shared members", index, why)
         self.state.forget(index)
         for other in self.state.workers:
             self._reply(f"w{other}".encode(), "dead", 0, index)
@@ -340,7 +340,7 @@ class Relay:
             try:
                 self.state.apply(channel, env.unpack_data(data), now)
             except EnvelopeError as exc:
-                log.warning("relay: bad envelope on %r dropped: %s", channel[:32], exc)
+                log.warning("bad envelope on %r dropped: %s", channel[:32], exc)
 
 
 def run(settings: RelaySettings) -> None:

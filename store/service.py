@@ -152,24 +152,24 @@ class StoreService:
             try:
                 control = env.unpack_control(frame)
             except EnvelopeError as exc:
-                log.warning("store: bad request from %r dropped: %s", identity, exc)
+                log.warning("bad request from %r dropped: %s", identity, exc)
                 continue
             try:
                 self._on_request(identity, control, now)
             except (wire.WireError, ValueError, TypeError) as exc:
-                log.warning("store: bad %s request from %r: %s", control.kind, identity, exc)
+                log.warning("bad %s request from %r: %s", control.kind, identity, exc)
                 self._reply(identity, "failed", control.req_id, str(exc))
             except StoreUnavailable as exc:
                 self._reply(identity, "failed", control.req_id, f"database unavailable: {exc}")
             except StoreError as exc:
-                log.exception("store: %s request failed", control.kind)
+                log.exception("%s request failed", control.kind)
                 self._reply(identity, "failed", control.req_id, str(exc))
 
     def _reply(self, identity: bytes, kind: str, req_id: int, *body: object) -> None:
         try:
             self.router.send_multipart((identity, env.pack_control(kind, req_id, *body)), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("store: cannot answer %r: %s", identity, exc)
+            log.warning("cannot answer %r: %s", identity, exc)
 
     def _after_commit(self, identity: bytes, req_id: int, ok_kind: str) -> Callable[[bool], None]:
         def done(committed: bool) -> None:
@@ -292,7 +292,7 @@ class StoreService:
             if self.subscriptions.pop(cid, None) is not None:
                 self._broadcast(cid, None)
         if expired:
-            log.info("store: %d offline session(s) expired", len(expired))
+            log.info("%d offline session(s) expired", len(expired))
 
 
 def run(settings: StoreSettings) -> None:
@@ -323,10 +323,10 @@ def run(settings: StoreSettings) -> None:
             backend.open()
             break
         except StoreConfigError as exc:
-            log.error("store: %s", exc)
+            log.error("%s", exc)
             raise SystemExit(3) from None
         except StoreUnavailable as exc:
-            log.error("store: database unavailable (%s); retrying in %.1fs", exc, delay_s)
+            log.error("database unavailable (%s); retrying in %.1fs", exc, delay_s)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 10.0)
     if stopping:

@@ -94,13 +94,13 @@ class GroupCommit:
         except StoreUnavailable as exc:
             self.stats.failures += 1
             if not self.degraded:
-                log.error("store: database unavailable, %d operation(s) waiting: %s", len(ops), exc)
+                log.error("degraded: database unavailable, %d operation(s) waiting: %s", len(ops), exc)
             self.degraded = True
             self.retry_at = now + self.backoff_s
             self.backoff_s = min(self.backoff_s * 2, self.max_backoff_s)
             return
         if self.degraded:
-            log.warning("store: database back; %d waiting operation(s) committed", len(ops))
+            log.warning("recovered: database back, %d waiting operation(s) committed", len(ops))
         self.degraded = False
         self.backoff_s = 0.1
         self.pending = []
