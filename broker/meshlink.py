@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.mesh")
 
-RECV_BATCH = 512  # envelopes handled per wake-up before yielding to the MQTT clients
+RECV_ITEMS = 2048  # messages from the mesh handled per turn of the event loop before yielding
+QOS0_PATIENCE_S = 1.0  # how long QoS 0 envelopes wait behind a blocked outbox before being dropped
 TIMER_S = 0.05
 CH_SYNC = b"\x00Y"  # upstream barrier marker (a subscription), see PROTOCOL.md, barriers
 
@@ -82,6 +83,7 @@ class WorkerMesh:
         self.core: BrokerCore | None = None
         self.seq = time.time_ns() // 1000  # increasing across restarts of this worker
         self.incarnation = self.seq
+        self.local_epoch = self.seq  # epochs of a single-worker node, increasing across restarts
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -108,6 +110,7 @@ class WorkerMesh:
         self.interest_cache: dict[str, bool] = {}
         self.batches: dict[str, list[Item]] = {}
         self.outbox: deque[list[bytes]] = deque()
+        self.outbox_since = 0.0  # when the outbox last started to fill
         self.paused = False
         self.req_id = 0
         self.claims: dict[int, _Claim] = {}
@@ -192,6 +195,11 @@ class WorkerMesh:
         now: float,
         done: Callable[[int, SessionWire | None, float], None],
     ) -> None:
+        if self.peers == 0:
+            # The only worker of the node holds every client id: no registry round trip.
+            self.local_epoch += 1
+            done(self.local_epoch, None, now)
+            return
         req = self._control("claim", client_id, clean_start)
         self.claims[req] = _Claim(client_id, clean_start, done, now + self.handoff_timeout_s)
 
@@ -201,7 +209,8 @@ class WorkerMesh:
         )
 
     def session_ended(self, client_id: str, epoch: int) -> None:
-        self._control("unregister", client_id, epoch)
+        if self.peers:
+            self._control("unregister", client_id, epoch)
 
     def interest(self, topic_filter: str, delta: int) -> bool:
         prefix = literal_prefix(topic_filter)
@@ -265,26 +274,31 @@ class WorkerMesh:
         self._send(topic.encode(), env.pack_publish_batch(self.origin, self._seq(), topic, items), keep)
 
     def _send(self, channel: bytes, data: bytes, keep: bool) -> None:
-        """Send an envelope; at the high-water mark keep it in the outbox or drop and count it."""
+        """Send an envelope; at the high-water mark queue it in the outbox and pause the clients.
+
+        Backpressure, not loss, is the answer to a busy peer: the outbox keeps FIFO order and the
+        publishers are slowed through TCP. Only an envelope of QoS 0 messages that would wait
+        behind an outbox blocked for more than QOS0_PATIENCE_S (a peer that stopped reading) is
+        dropped, and counted, so that one stuck process cannot stall QoS 0 traffic for long.
+        """
         core = self.core
-        if self.outbox:
-            if keep:
-                self.outbox.append([channel, data])
-            elif core is not None:
+        outbox = self.outbox
+        if not outbox:
+            try:
+                self.pub.send_multipart((channel, data), zmq.NOBLOCK)
+            except zmq.Again:
+                self.outbox_since = self.loop.time()
+                outbox.append([channel, data])
+                self._pause()
+                return
+            if core is not None:
+                core.counters.mesh_envelopes_sent += 1
+            return
+        if not keep and self.loop.time() - self.outbox_since > QOS0_PATIENCE_S:
+            if core is not None:
                 core.counters.mesh_dropped_qos0 += 1
             return
-        try:
-            self.pub.send_multipart((channel, data), zmq.NOBLOCK)
-        except zmq.Again:
-            if not keep:
-                if core is not None:
-                    core.counters.mesh_dropped_qos0 += 1
-                return
-            self.outbox.append([channel, data])
-            self._pause()
-            return
-        if core is not None:
-            core.counters.mesh_envelopes_sent += 1
+        outbox.append([channel, data])
 
     def _drain_outbox(self) -> None:
         outbox = self.outbox
@@ -361,12 +375,19 @@ class WorkerMesh:
     # -- receiving --------------------------------------------------------------------------------
 
     def _on_sub(self) -> None:
+        """Handle what other processes sent, a bounded amount per turn of the event loop.
+
+        One envelope can carry thousands of publishes, each for many local subscribers: the
+        clients are written to after every envelope, and after RECV_ITEMS messages the rest waits
+        for the next turn, so the loop keeps serving clients and timers, and memory stays bounded.
+        """
         core = self.core
         if core is None:
             return
         sub = self.sub
         now = self.loop.time()
-        for _ in range(RECV_BATCH):
+        budget = RECV_ITEMS
+        while budget > 0:
             try:
                 channel, data = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -385,7 +406,8 @@ class WorkerMesh:
                 self._dispatch(channel, message, now)
             except Exception:
                 log.exception("worker %d: envelope on %r failed", self.index, channel[:32])
-        core.flush()
+            budget -= len(message.items) if type(message) is env.PublishBatch else 1
+            core.flush()
         self._kick()
 
     def _dispatch(self, channel: bytes, message: env.DataMessage, now: float) -> None:

@@ -708,7 +708,6 @@ def test_shared_members_of_a_killed_worker_leave_the_group(fresh_node: WorkerNod
         assert seqs(got) == list(range(50))
 
 
-@pytest.mark.xfail(reason="needs the store process (issue 4)", strict=False)
 def test_persistent_subscriber_on_a_killed_worker_gets_every_qos1_message(durable_node: WorkerNode) -> None:
     """Durability: a persistent subscriber on worker 2 while worker 2 is SIGKILLed mid-stream
     gets, after reconnecting, every QoS 1 message that the broker acknowledged to the publisher
