@@ -19,6 +19,8 @@ INSTALLED := $(VENV)/.meshmq-installed
 TEST_SESSION_S ?= 420
 TEST_HARD_LIMIT_S ?= 480
 PYTEST_ARGS ?=
+# Parallel test processes (pytest-xdist): most tests wait on real brokers and sockets, not the CPU.
+TEST_WORKERS ?= 4
 # `make lint LINT_PATHS="broker/config.py"` checks some files only; likewise TYPE_PATHS.
 LINT_PATHS ?= .
 TYPE_PATHS ?= broker mesh store tools
@@ -62,7 +64,7 @@ system-deps:
 test: $(INSTALLED) system-deps
 	@status=0; \
 	timeout --kill-after=20 $(TEST_HARD_LIMIT_S) \
-	  $(PY) -m pytest -q -p no:cacheprovider --session-timeout=$(TEST_SESSION_S) $(PYTEST_ARGS) tests \
+	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --session-timeout=$(TEST_SESSION_S) $(PYTEST_ARGS) tests \
 	  || status=$$?; \
 	case $$status in \
 	  0) ;; \
