@@ -238,7 +238,8 @@ class BrokerCore:
         if session.will is not None and session.will_at is not None:
             self.publish_will(session, now)
         self._forget_session(session)
-        self.store.session_removed(session.client_id)
+        if session.stored:
+            self.store.session_removed(session.client_id)
         self.mesh.session_ended(session.client_id, session.epoch)
 
     def _forget_session(self, session: Session) -> None:

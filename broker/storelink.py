@@ -159,7 +159,9 @@ class StoreLink:
         self.dealer.send(env.pack_control(kind, self.req_id, *body), zmq.NOBLOCK)
 
     def session_saved(self, session: Session) -> None:
-        if session.expiry_interval_s == 0:
+        """Store a session that outlives its connection, or that has a will: a crash of the
+        node must not lose the will of a client connected at that moment [MQTT-3.1.2-8]."""
+        if session.expiry_interval_s == 0 and session.will is None:
             if session.stored:
                 self.session_removed(session.client_id)
                 session.stored = False

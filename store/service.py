@@ -116,7 +116,7 @@ class StoreService:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
-        next_sweep = time.monotonic() + SWEEP_S
+        next_sweep = time.monotonic()  # at once: sessions may have expired while the node was down
         log.info("store up (pid %d, %s)", os.getpid(), self.backend.name)
         while self.running:
             now = time.monotonic()
@@ -234,6 +234,9 @@ class StoreService:
             self.writer.commit(now, time.monotonic)  # reads see every earlier write
             if self.writer.degraded:
                 raise StoreUnavailable("writes are waiting for the database")
+            if self._expire_if_due(str(client_id), wall):
+                self._reply(identity, "loaded", req, None, ())
+                return
             stored = self.backend.load_session(str(client_id))
             queued = (
                 self.backend.fetch_queue(str(client_id), LOAD_LIMIT, 0.0, wall) if stored is not None else []
@@ -278,19 +281,31 @@ class StoreService:
         subs = None if subscriptions is None else tuple(wire.subscription_to_wire(s) for s in subscriptions)
         self.pub.send_multipart((CH_DURABLE, env.pack_control("dsub", 0, client_id, subs)))
 
+    def _due(self, known: _Known, wall: float) -> bool:
+        return not known.online and known.expiry_s != NEVER_EXPIRES_S and wall >= known.since + known.expiry_s
+
+    def _expire(self, client_id: str) -> None:
+        del self.known[client_id]
+        self._write([DeleteSession(client_id)], time.monotonic())
+        if self.subscriptions.pop(client_id, None) is not None:
+            self._broadcast(client_id, None)
+
+    def _expire_if_due(self, client_id: str, wall: float) -> bool:
+        """A session asked for by a reconnecting client may have expired since the last sweep."""
+        known = self.known.get(client_id)
+        if known is None or not self._due(known, wall):
+            return False
+        self._expire(client_id)
+        self.writer.commit(time.monotonic(), time.monotonic)
+        log.info("1 offline session(s) expired")
+        return True
+
     def _sweep(self) -> None:
-        """End offline sessions whose expiry interval has passed."""
+        """End offline sessions whose expiry interval has passed [MQTT-3.1.2-23]."""
         wall = time.time()
-        expired = [
-            cid
-            for cid, k in self.known.items()
-            if not k.online and k.expiry_s != NEVER_EXPIRES_S and wall >= k.since + k.expiry_s
-        ]
+        expired = [cid for cid, k in self.known.items() if self._due(k, wall)]
         for cid in expired:
-            del self.known[cid]
-            self._write([DeleteSession(cid)], time.monotonic())
-            if self.subscriptions.pop(cid, None) is not None:
-                self._broadcast(cid, None)
+            self._expire(cid)
         if expired:
             log.info("%d offline session(s) expired", len(expired))
 

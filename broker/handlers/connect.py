@@ -255,7 +255,8 @@ def _attach_session(
         core.sessions[client_id] = session
         for key_filter, entry in subscriptions:
             core.add_subscription(session, key_filter, entry)
-    if session is None and record is not None:
+    if session is None and record is not None and record.expiry_s > 0:
+        # (a stored session of expiry 0 was kept only for its will; it is not resumed)
         session = Session(client_id, pending.expiry_s)
         core.sessions[client_id] = session
         for sub in record.subscriptions:

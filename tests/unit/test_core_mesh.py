@@ -118,7 +118,9 @@ def harness(mesh: FakeMesh, worker_index: int = 1, **mqtt: object) -> Harness:
     return h
 
 
-def complete_claim(h: Harness, mesh: FakeMesh, epoch: int, state: SessionWire | None = None, index: int = 0) -> None:
+def complete_claim(
+    h: Harness, mesh: FakeMesh, epoch: int, state: SessionWire | None = None, index: int = 0
+) -> None:
     _, _, done = mesh.claims.pop(index)
     done(epoch, state, h.clock.now)
     h.core.flush()
@@ -254,7 +256,9 @@ def test_release_hands_the_session_over_and_disconnects_with_0x8e() -> None:
     assert (worker, client_id, handoff_epoch) == (2, "c1", epoch + 5)
     assert state is not None
     assert [s[0] for s in state.subscriptions] == ["a/#", "$share/g/s"]
-    assert [(e[0], e[1], e[5], e[6][2]) for e in state.inflight] == [(delivered[0].packet_id, 1, "a/x", b"unacked")]
+    assert [(e[0], e[1], e[5], e[6][2]) for e in state.inflight] == [
+        (delivered[0].packet_id, 1, "a/x", b"unacked")
+    ]
     assert state.expiry_s == 100
     # forgotten here: subscriptions, shared membership, session
     assert "c1" not in h.core.sessions
@@ -455,7 +459,12 @@ def test_a_shared_subscription_always_waits_for_the_barrier() -> None:
     c.send(Subscribe(1, (Subscription("$share/g/t", 1),)))
     assert c.received() == []
     ((entry, joined),) = mesh.shared
-    assert joined and (entry.share_group, entry.topic_filter, entry.worker, entry.client_id) == ("g", "t", 3, "c1")
+    assert joined and (entry.share_group, entry.topic_filter, entry.worker, entry.client_id) == (
+        "g",
+        "t",
+        3,
+        "c1",
+    )
     complete_barrier(h, mesh)
     assert c.received() == [Suback(1, (1,))]
 
@@ -482,7 +491,9 @@ def test_a_barrier_that_completes_after_the_connection_is_gone_sends_nothing() -
 # -- routing with other workers ---------------------------------------------------------------------
 
 
-def remote_member(client_id: str = "remote", worker: int = 2, qos: int = 1, topic_filter: str = "s/+") -> SubEntry:
+def remote_member(
+    client_id: str = "remote", worker: int = 2, qos: int = 1, topic_filter: str = "s/+"
+) -> SubEntry:
     return SubEntry(client_id, topic_filter, qos, share_group="g", worker=worker)
 
 

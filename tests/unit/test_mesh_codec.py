@@ -179,9 +179,19 @@ def test_message_round_trip_property(
 # -- sessions -------------------------------------------------------------------------------------
 
 
-def out(topic: str, payload: bytes, qos: int, state: OutState | None = None, sub_ids: tuple[int, ...] = (),
-        msg_id: int = 0, expires_at: float | None = None, retain: bool = False) -> Outgoing:
-    o = Outgoing(Message(topic, payload, qos, retain, NO_PROPERTIES, "pub", expires_at, msg_id), qos, retain, sub_ids)
+def out(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    state: OutState | None = None,
+    sub_ids: tuple[int, ...] = (),
+    msg_id: int = 0,
+    expires_at: float | None = None,
+    retain: bool = False,
+) -> Outgoing:
+    o = Outgoing(
+        Message(topic, payload, qos, retain, NO_PROPERTIES, "pub", expires_at, msg_id), qos, retain, sub_ids
+    )
     if state is not None:
         o.state = state
     return o
@@ -202,12 +212,26 @@ def full_session() -> Session:
     return s
 
 
-def check_same_session(back: Session, subs: list[tuple[str, SubEntry]], original: Session, worker: int) -> None:
+def check_same_session(
+    back: Session, subs: list[tuple[str, SubEntry]], original: Session, worker: int
+) -> None:
     assert back.client_id == original.client_id
     assert back.expiry_interval_s == original.expiry_interval_s
     assert [(k, e) for k, e in subs] == [
-        (k, SubEntry(e.client_id, e.topic_filter, e.qos, e.no_local, e.retain_as_published,
-                     e.retain_handling, e.subscription_id, e.share_group, worker))
+        (
+            k,
+            SubEntry(
+                e.client_id,
+                e.topic_filter,
+                e.qos,
+                e.no_local,
+                e.retain_as_published,
+                e.retain_handling,
+                e.subscription_id,
+                e.share_group,
+                worker,
+            ),
+        )
         for k, e in original.subscriptions.items()
     ]
     assert back.subscriptions == {}  # the caller installs them (topic trees, mesh interest)
@@ -215,11 +239,16 @@ def check_same_session(back: Session, subs: list[tuple[str, SubEntry]], original
     for pid, item in original.inflight.items():
         got = back.inflight[pid]
         assert (got.state, got.qos, got.retain, got.subscription_ids) == (
-            item.state, item.qos, item.retain, item.subscription_ids,
+            item.state,
+            item.qos,
+            item.retain,
+            item.subscription_ids,
         )
         assert visible(got.message, 0.0) == visible(item.message, 0.0)
     assert [visible(o.message, 0.0) for o in back.queue] == [visible(o.message, 0.0) for o in original.queue]
-    assert [(o.qos, o.subscription_ids) for o in back.queue] == [(o.qos, o.subscription_ids) for o in original.queue]
+    assert [(o.qos, o.subscription_ids) for o in back.queue] == [
+        (o.qos, o.subscription_ids) for o in original.queue
+    ]
     assert back.inbound_qos2 == original.inbound_qos2
     assert back.next_packet_id == original.next_packet_id
 

@@ -33,7 +33,9 @@ def retained(origin: str, seq: int, topic: str, *items: Item) -> env.PublishBatc
     return env.PublishBatch(origin, seq, topic, items)
 
 
-def shared(origin: str, seq: int, op: str, client_id: str = "c", group: str = "g", qos: int = 1) -> env.SharedUpdate:
+def shared(
+    origin: str, seq: int, op: str, client_id: str = "c", group: str = "g", qos: int = 1
+) -> env.SharedUpdate:
     return env.SharedUpdate(origin, seq, op, group, "a/+", client_id, qos, None)
 
 
@@ -42,7 +44,9 @@ def shared(origin: str, seq: int, op: str, client_id: str = "c", group: str = "g
 
 def test_claim_epochs_strictly_increase() -> None:
     state = alive(1, 2)
-    epochs = [state.claim(cid, worker)[0] for cid, worker in [("a", 1), ("b", 2), ("a", 2), ("a", 1), ("c", 1)]]
+    epochs = [
+        state.claim(cid, worker)[0] for cid, worker in [("a", 1), ("b", 2), ("a", 2), ("a", 1), ("c", 1)]
+    ]
     assert epochs == sorted(set(epochs))
     assert epochs[0] > 1000
     assert state.registry["a"] == (1, epochs[3])
