@@ -29,8 +29,9 @@ class SessionStore(Protocol):
 
     enabled: bool
 
-    def session_saved(self, session: Session) -> None:
-        """A session's durable part changed: subscriptions, expiry, will, online."""
+    def session_saved(self, session: Session, done: Callable[[float], None] | None = None) -> None:
+        """A session's durable part changed: subscriptions, expiry, will, online; done(now)
+        once the store holds it."""
 
     def session_removed(self, client_id: str) -> None:
         """A session ended (clean start, expiry) and its state can go."""
@@ -117,8 +118,9 @@ class MemorySessionStore:
 
     enabled = False
 
-    def session_saved(self, session: Session) -> None:
-        pass
+    def session_saved(self, session: Session, done: Callable[[float], None] | None = None) -> None:
+        if done is not None:
+            raise AssertionError("nothing is durable without a store")
 
     def session_removed(self, client_id: str) -> None:
         pass

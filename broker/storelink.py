@@ -158,13 +158,15 @@ class StoreLink:
             self.waiting[self.req_id] = done
         self.dealer.send(env.pack_control(kind, self.req_id, *body), zmq.NOBLOCK)
 
-    def session_saved(self, session: Session) -> None:
+    def session_saved(self, session: Session, done: Callable[[float], None] | None = None) -> None:
         """Store a session that outlives its connection, or that has a will: a crash of the
         node must not lose the will of a client connected at that moment [MQTT-3.1.2-8]."""
         if session.expiry_interval_s == 0 and session.will is None:
             if session.stored:
                 self.session_removed(session.client_id)
                 session.stored = False
+            if done is not None:
+                done(self.loop.time())
             return
         session.stored = True
         will = session.will
@@ -190,7 +192,9 @@ class StoreLink:
         )
         # Keep our replica current at once (the store's broadcast confirms it a moment later).
         self._set_durable(session.client_id, record.subscriptions)
-        self._request("save", (wire.session_to_wire(record),), None)
+        self._request(
+            "save", (wire.session_to_wire(record),), None if done is None else lambda control, now: done(now)
+        )
 
     def session_removed(self, client_id: str) -> None:
         self._set_durable(client_id, None)

@@ -70,7 +70,6 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
 
     def finish(now: float) -> None:
         conn.send(suback)
-        core.store.session_saved(session)
         for entry, messages in owed:
             for message in messages:
                 if entry.no_local and message.origin == session.client_id:
@@ -79,19 +78,33 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
                 # A retained message sent because of a new subscription has RETAIN set [MQTT-3.3.1-8].
                 core.deliver(session, message, qos, True, entry.subscription_ids, now)
 
-    if not wait:
+    # A subscription is in force when every other process of the node knows of it (the mesh
+    # barrier) and, for a session that outlives its connection, when the store holds it (a crash
+    # after the SUBACK must not lose it); until both, the SUBACK and what the client sends next
+    # wait, in order.
+    durable = core.store.enabled and session.persistent
+    waits = int(wait) + int(durable)
+    if not waits:
+        core.store.session_saved(session)
         finish(now)
         return
-    # The subscription is in force for the whole node only once every other process knows of
-    # it; until then the SUBACK and whatever the client sends next wait.
     conn.held = []
+    remaining = [waits]
 
-    def finished(now: float) -> None:
+    def one_done(now: float) -> None:
+        remaining[0] -= 1
+        if remaining[0]:
+            return
         if conn.session is session and not conn.closing:
             finish(now)
         core.release_held(conn, now)
 
-    core.mesh.barrier(now, finished)
+    if durable:
+        core.store.session_saved(session, one_done)
+    else:
+        core.store.session_saved(session)
+    if wait:
+        core.mesh.barrier(now, one_done)
 
 
 def handle_unsubscribe(core: BrokerCore, conn: ServerConnection, packet: Unsubscribe, now: float) -> None:
