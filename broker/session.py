@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -80,6 +81,7 @@ class Session:
         "inbound_qos2",
         "inflight",
         "next_packet_id",
+        "qos2_persisting",
         "queue",
         "stored",
         "subscriptions",
@@ -95,6 +97,9 @@ class Session:
         self.inflight: dict[int, Outgoing] = {}
         self.queue: deque[Outgoing] = deque()
         self.inbound_qos2: set[int] = set()
+        # QoS 2 packet ids received whose message the store has not confirmed yet, with the
+        # acknowledgements of resends that wait for that answer
+        self.qos2_persisting: dict[int, list[Callable[[int, float], None]]] = {}
         self.next_packet_id = 1
         self.will: Will | None = None
         self.will_at: float | None = None  # a delayed will is due at this time

@@ -122,7 +122,8 @@ class StoreService:
             now = time.monotonic()
             timeout_ms = 200
             if self.writer.pending:
-                timeout_ms = 0 if self.writer.due(now) else max(int((self.writer.retry_at - now) * 1000), 1)
+                # while degraded, wake often enough to refuse what waited too long in time
+                timeout_ms = 0 if self.writer.due(now) else min(max(int((self.writer.retry_at - now) * 1000), 1), 100)
             ready = dict(poller.poll(timeout=timeout_ms))
             if self.pub in ready:
                 while self.pub.poll(0):
@@ -130,11 +131,14 @@ class StoreService:
             if self.router in ready:
                 self._drain(time.monotonic())
             now = time.monotonic()
-            if self.writer.pending:
-                self.writer.commit(now, time.monotonic)
-            if now >= next_sweep:
-                next_sweep = now + SWEEP_S
-                self._sweep()
+            try:
+                if self.writer.pending:
+                    self.writer.commit(now, time.monotonic)
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_S
+                    self._sweep()
+            except Exception:
+                log.exception("store: commit failed unexpectedly; the writes wait for the next try")
         self.writer.commit(time.monotonic(), time.monotonic)
         for sock in (self.router, self.pub):
             sock.close(0)

@@ -119,7 +119,10 @@ def _opt_bytes(value: object, what: str) -> bytes | None:
 def _float(value: object, what: str) -> float:
     if type(value) not in (float, int):
         raise WireError(f"{what}: expected a number, got {type(value).__name__}")
-    return float(value)  # type: ignore[arg-type]
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise WireError(f"{what}: number out of range") from None
 
 
 def _opt_float(value: object, what: str) -> float | None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from store.backend import Backend
-from store.errors import StoreUnavailable
+from store.errors import StoreRecordError, StoreUnavailable
 from store.records import WriteOp
 
 log = logging.getLogger("store.writer")
@@ -91,6 +91,11 @@ class GroupCommit:
         started = clock()
         try:
             self.backend.apply(ops)
+        except StoreRecordError:
+            # A record the database cannot take: find the submission(s) it came with, refuse
+            # them, and commit the others (one bad request must not stop every writer).
+            self._isolate(now)
+            return
         except StoreUnavailable as exc:
             self.stats.failures += 1
             if not self.degraded:
@@ -112,6 +117,26 @@ class GroupCommit:
         stats.max_batch_ops = max(stats.max_batch_ops, len(ops))
         stats.last_commit_s = clock() - started
         for submission in batch:
+            if submission.done is not None:
+                submission.done(True)
+
+    def _isolate(self, now: float) -> None:
+        batch, self.pending, self.pending_ops = self.pending, [], 0
+        for submission in batch:
+            try:
+                self.backend.apply(submission.ops)
+            except StoreRecordError as exc:
+                log.error("store: a write was refused as invalid and dropped: %s", exc)
+                self.stats.refused += 1
+                if submission.done is not None:
+                    submission.done(False)
+                continue
+            except StoreUnavailable:
+                self.pending.append(submission)
+                self.pending_ops += len(submission.ops)
+                continue
+            self.stats.transactions += 1
+            self.stats.ops += len(submission.ops)
             if submission.done is not None:
                 submission.done(True)
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from broker.handlers.common import is_utf8
 from broker.messages import Message
-from broker.protocol.connection import ServerConnection
+from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError, ReceiveMaximumExceeded, TopicAliasInvalid
 from broker.protocol.packets import (
     NO_PROPERTIES,
@@ -35,7 +36,7 @@ from broker.protocol.packets import (
 )
 from broker.protocol.reasons import Reason
 from broker.protocol.topics import validate_topic_name
-from broker.session import OutState
+from broker.session import OutState, Session
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
@@ -71,9 +72,16 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
         counters.messages_received_qos1 += 1
     else:
         counters.messages_received_qos2 += 1
-        if packet.packet_id in session.inbound_qos2:
+        pid = packet.packet_id
+        if pid in session.inbound_qos2:
             # a resend: acknowledge again, route once
-            send_ack(conn, Pubrec(packet.packet_id))
+            send_ack(conn, Pubrec(pid))
+            return
+        waiters = session.qos2_persisting.get(pid)
+        if waiters is not None:
+            # a resend of a message the store has not confirmed yet: its PUBREC waits for that
+            step = hold_step(conn)
+            waiters.append(lambda reason, now: complete_step(conn, step, lambda now: conn.send(Pubrec(pid, reason)), now))
             return
         if len(session.inbound_qos2) >= core.config.max_inflight:
             raise ReceiveMaximumExceeded(
@@ -108,77 +116,104 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
             if rows or message.retain:
                 # The durability promise: acknowledge (and deliver) only once the store holds
                 # the message for every persistent session it reaches, and the retained change.
+                pid = packet.packet_id
                 if qos == 2:
-                    session.inbound_qos2.add(packet.packet_id)  # a resend meanwhile is not persisted twice
-                slot = defer_ack(conn)
+                    session.qos2_persisting[pid] = []
+                step = hold_step(conn)
                 store.persist(
                     message, rows, message.retain, conn.version is V5,
-                    lambda ok, now: _durable(core, conn, packet, message, slot, ok, now),
+                    lambda ok, now: _durable(core, conn, session, packet, message, step, ok, now),
                 )
                 return
         elif message.retain:
             store.retained_changed(message.topic, message)
+    if conn.pipeline:
+        # An earlier message of this client still waits for the store: this one is routed and
+        # acknowledged after it, so that order holds [MQTT-4.6.0-2, -3, -5].
+        step = hold_step(conn)
+        complete_step(conn, step, lambda now: _route_and_ack(core, conn, session, packet, message, False, now), now)
+        return
+    _route_and_ack(core, conn, session, packet, message, False, now)
+
+
+def _route_and_ack(
+    core: BrokerCore, conn: ServerConnection, session: Session, packet: Publish, message: Message,
+    stored: bool, now: float,
+) -> None:
     if message.retain:
         core.retain(message, persist=False)
-    delivered = core.publish(message, now)
+    delivered = core.publish(message, now) or stored
+    qos = packet.qos
     if qos:
         reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
         if qos == 1:
-            send_ack(conn, Puback(packet.packet_id, reason))
+            conn.send(Puback(packet.packet_id, reason))
         else:
             session.inbound_qos2.add(packet.packet_id)
-            send_ack(conn, Pubrec(packet.packet_id, reason))
+            conn.send(Pubrec(packet.packet_id, reason))
 
 
 def _durable(
-    core: BrokerCore, conn: ServerConnection, packet: Publish, message: Message, slot: list[Packet | None],
-    ok: bool, now: float,
+    core: BrokerCore, conn: ServerConnection, session: Session, packet: Publish, message: Message,
+    step: _Step, ok: bool, now: float,
 ) -> None:
     """The store answered for a QoS 1/2 message: deliver and acknowledge, or refuse it."""
-    ack = Puback if packet.qos == 1 else Pubrec
+    pid = packet.packet_id
+    waiters = session.qos2_persisting.pop(pid, None) if packet.qos == 2 else None
     if not ok:
         # The database could not make it durable in time: 5.0 publishers are told (and may
         # resend); 3.1.1 ones never get here (they wait for the store) [DESIGN.md, Store].
         log.warning("client %r: QoS %d message to %r refused, the store is unavailable",
-                    conn.client_id, packet.qos, message.topic)
-        session = conn.session
-        if session is not None:
-            session.inbound_qos2.discard(packet.packet_id)
-        complete_ack(conn, slot, ack(packet.packet_id, Reason.UNSPECIFIED_ERROR))
+                    session.client_id, packet.qos, message.topic)
+        ack = Puback if packet.qos == 1 else Pubrec
+        complete_step(conn, step, lambda now: conn.send(ack(pid, Reason.UNSPECIFIED_ERROR)), now)
+        for waiter in waiters or ():
+            waiter(Reason.UNSPECIFIED_ERROR, now)
         return
-    if message.retain:
-        core.retain(message, persist=False)
-    delivered = core.publish(message, now)
-    reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
-    complete_ack(conn, slot, ack(packet.packet_id, reason))
+    complete_step(conn, step, lambda now: _route_and_ack(core, conn, session, packet, message, True, now), now)
+    for waiter in waiters or ():
+        waiter(Reason.SUCCESS, now)
+
+
+class _Step:
+    """One PUBLISH of a connection whose routing and acknowledgement wait their turn."""
+
+    __slots__ = ("ready", "run")
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.run: Callable[[float], None] | None = None
+
+
+def hold_step(conn: ServerConnection) -> _Step:
+    """A place in the connection's order for a PUBLISH whose outcome is not known yet."""
+    step = _Step()
+    if conn.pipeline is None:
+        conn.pipeline = deque()
+    conn.pipeline.append(step)
+    return step
+
+
+def complete_step(conn: ServerConnection, step: _Step, run: Callable[[float], None], now: float) -> None:
+    """The step's outcome is known: run every step at the head of the order that is ready."""
+    step.run = run
+    step.ready = True
+    pipeline = conn.pipeline
+    assert pipeline is not None
+    while pipeline and pipeline[0].ready:
+        head = pipeline.popleft()
+        if head.run is not None and conn.state is not ConnectionState.CLOSED:
+            head.run(now)
 
 
 def send_ack(conn: ServerConnection, ack: Packet) -> None:
     """Acknowledge in the order the PUBLISHes came [MQTT-4.6.0-2, -3]: behind any still waiting."""
-    queue = conn.ack_queue
-    if queue:
-        queue.append([ack])
+    if conn.pipeline:
+        step = hold_step(conn)
+        step.run = lambda now: conn.send(ack)
+        step.ready = True
     else:
         conn.send(ack)
-
-
-def defer_ack(conn: ServerConnection) -> list[Packet | None]:
-    """A place in the acknowledgement order for an ack that is not known yet."""
-    slot: list[Packet | None] = [None]
-    if conn.ack_queue is None:
-        conn.ack_queue = deque()
-    conn.ack_queue.append(slot)
-    return slot
-
-
-def complete_ack(conn: ServerConnection, slot: list[Packet | None], ack: Packet) -> None:
-    slot[0] = ack
-    queue = conn.ack_queue
-    assert queue is not None
-    while queue and queue[0][0] is not None:
-        ready = queue.popleft()[0]
-        assert ready is not None
-        conn.send(ready)
 
 
 def _apply_properties(

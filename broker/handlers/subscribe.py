@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.protocol.connection import ServerConnection
+from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError
 from broker.protocol.packets import ProtocolVersion, Suback, Subscribe, Unsuback, Unsubscribe
 from broker.protocol.reasons import Reason
@@ -95,7 +95,7 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
         remaining[0] -= 1
         if remaining[0]:
             return
-        if conn.session is session and not conn.closing:
+        if conn.session is session and not conn.closing and conn.state is not ConnectionState.CLOSED:
             finish(now)
         core.release_held(conn, now)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.protocol.codec import (
     MAX_PACKET_BYTES,
@@ -70,7 +70,7 @@ class ConnectionState(Enum):
 class ServerConnection:
     __slots__ = (
         "alias_in",
-        "ack_queue",
+        "pipeline",
         "alias_out",
         "client_id",
         "client_max_packet_bytes",
@@ -115,9 +115,9 @@ class ServerConnection:
         # Not None while the connection waits for the node (a session claim, a subscription
         # barrier): packets that arrive meanwhile are held here, in order, and handled after.
         self.held: list[Packet] | None = None
-        # Acknowledgements in PUBLISH order while some wait for the store: one slot each,
-        # None until known [MQTT-4.6.0-2].
-        self.ack_queue: deque[list[Packet | None]] | None = None
+        # PUBLISHes of this client whose routing and acknowledgement wait behind one that waits
+        # for the store, in arrival order [MQTT-4.6.0-2, -5] (see broker/handlers/publish.py).
+        self.pipeline: deque[Any] | None = None
         self.closing = False
         self.close_reason: str | None = None
         self.write_paused = False

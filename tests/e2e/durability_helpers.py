@@ -16,7 +16,9 @@ Invariants:
 - The node name and the IPC directory stay the same across restarts (the store recognises
   "sessions that were online on this node" by the node name); the IPC directory is short, under
   /tmp, and removed by `close`.
-- `crash` returns only when no process of the node's group is alive (zombies count as gone).
+- `crash` returns only when no process of the node's group is alive (zombies count as gone);
+  `restart` only when the new start logged that it listens on the node's port.
+- The port lies below the kernel's ephemeral port range, out of reach of `bind(port 0)`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from broker.protocol.packets import Publish
 from tests.e2e.broker_proc import BrokerProcess
 from tests.e2e.clients import TestClient
 from tests.e2e.rawclient import RawClient
+from tests.e2e.workers_helpers import free_port_block
 
 __all__ = [
     "NODE_NAME",
@@ -118,8 +121,19 @@ class DurableNode:
             time.sleep(0.01)
 
     def restart(self) -> None:
-        """Start the node again: same config, database, node name and port."""
+        """Start the node again: same config, database, node name and port; return once this
+        start's worker listens (its own log line: a connect alone could reach another process
+        that took the port while the node was down)."""
         self.broker.start()
+        self._wait_listening_logged()
+
+    def _wait_listening_logged(self, timeout_s: float = 15.0) -> None:
+        line = f"MQTT on {self.broker.host}:{self.broker.port}"
+        deadline = time.monotonic() + timeout_s
+        while line not in self.broker.log_path.read_text(errors="replace"):
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no {line!r} in {self.broker.log_path} within {timeout_s}s")
+            time.sleep(0.02)
 
     def crash_and_restart(self) -> None:
         self.crash()
@@ -151,10 +165,13 @@ def start_durable_node(
     ipc_dir = tempfile.mkdtemp(prefix="mqd", dir="/tmp")  # unix socket paths are short (108 bytes)
     cfg: dict[str, Any] = {"NodeName": NODE_NAME, "SessionStore": store, "Mesh": {"IpcDir": ipc_dir}}
     cfg.update(config or {})
-    broker = BrokerProcess(workdir=workdir, config=cfg)
+    # A port below the kernel's ephemeral range: tests running in parallel take theirs from that
+    # range (bind to port 0), so none of them takes ours while this node is down between a crash
+    # and its restart (SO_REUSEPORT would even let two brokers share it).
+    broker = BrokerProcess(workdir=workdir, config=cfg, port=free_port_block(1) + 1)
     node = DurableNode(broker, ipc_dir)
     try:
-        broker.start()
+        node.restart()
     except BaseException:
         node.close()
         raise

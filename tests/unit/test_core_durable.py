@@ -75,9 +75,11 @@ class FakeStore:
         self.loads: list[str] = []
         self.next_msg_id = 1000
 
-    def session_saved(self, session: Session) -> None:
+    def session_saved(self, session: Session, done: Callable[[float], None] | None = None) -> None:
         self.saved.append(session.client_id)
         session.stored = session.expiry_interval_s > 0 or session.will is not None
+        if done is not None:
+            done(0.0)  # the fake store holds it at once
 
     def session_removed(self, client_id: str) -> None:
         self.removed.append(client_id)
@@ -228,10 +230,10 @@ def test_a_durable_message_is_routed_only_after_persist_completes() -> None:
     assert sub.received() == []
     (p,) = store.persists
     assert p.message.payload == b"durable" and len(p.rows) == 1 and not p.retained and p.may_refuse
-    pub.send(Publish("n/1", b"plain", qos=1, packet_id=2))  # needs nothing: routed at once
-    assert payloads(sub.received()) == [b"plain"]
+    pub.send(Publish("n/1", b"plain", qos=1, packet_id=2))  # needs nothing, but waits its turn
+    assert sub.received() == []
     complete(h, store, 0)
-    assert payloads(sub.received()) == [b"durable"]
+    assert payloads(sub.received()) == [b"durable", b"plain"]  # the client's order [MQTT-4.6.0-5]
     assert pub.received() == [Puback(1), Puback(2)]
 
 
@@ -277,11 +279,6 @@ def test_a_retained_qos0_message_is_persisted_without_waiting() -> None:
     assert store.retained == [("n/r", b"kept")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a retained QoS 1 message waits for persist, a following non-retained QoS 1 message to "
-    "the same topic with no rows does not: a live subscriber gets them in reverse order",
-)
 def test_same_topic_same_qos_messages_reach_a_subscriber_in_publish_order() -> None:
     """[MQTT-4.6.0-5] for the same topic and QoS, PUBLISH to subscribers in the order received."""
     h, store = harness()
@@ -321,7 +318,7 @@ def test_refusal_of_qos2_gives_pubrec_0x80_and_releases_the_packet_id() -> None:
     pub = h.client()
     pub.connect("pub")
     pub.send(Publish("d/1", b"x", qos=2, packet_id=7))
-    assert 7 in h.core.sessions["pub"].inbound_qos2  # a resend meanwhile is not persisted twice
+    assert 7 in h.core.sessions["pub"].qos2_persisting  # a resend meanwhile is not persisted twice
     complete(h, store, 0, ok=False)
     assert pub.received() == [Pubrec(7, Reason.UNSPECIFIED_ERROR)]
     assert 7 not in h.core.sessions["pub"].inbound_qos2
@@ -354,12 +351,6 @@ def test_a_qos2_resend_while_persist_waits_is_not_persisted_twice() -> None:
     assert acks(pub.received()) == [("Pubrec", 3, True), ("Pubrec", 3, True)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the packet id enters inbound_qos2 before persist completes, so a resend on a new "
-    "connection (reconnect, clean start 0) is answered PUBREC 0x00 at once; if the store then "
-    "refuses, an acknowledged message is lost",
-)
 def test_a_resend_after_reconnect_is_not_acknowledged_before_the_store_says_durable() -> None:
     h, _store = harness()
     pub = h.client()
@@ -372,11 +363,6 @@ def test_a_resend_after_reconnect_is_not_acknowledged_before_the_store_says_dura
     assert ("Pubrec", 7, True) not in acks(again.received())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_durable answers 0x10 No matching subscribers when nothing on this worker or the mesh "
-    "took the message, although the store just queued it for persistent sessions",
-)
 def test_a_message_queued_for_a_persistent_session_is_not_no_matching_subscribers() -> None:
     """0x10 says the server knows of no subscriber; the store's rows are subscribers."""
     h, store = harness()

@@ -469,12 +469,6 @@ def test_a_shared_subscription_always_waits_for_the_barrier() -> None:
     assert c.received() == [Suback(1, (1,))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="handle_subscribe's `finished` checks conn.closing but not ConnectionState.CLOSED: a "
-    "connection reported lost while its barrier waits still gets the SUBACK written to its link "
-    "(the TCP link ignores it; the harness's FakeLink flags it)",
-)
 def test_a_barrier_that_completes_after_the_connection_is_gone_sends_nothing() -> None:
     mesh = FakeMesh()
     mesh.needs_barrier = True

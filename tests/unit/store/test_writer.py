@@ -372,11 +372,6 @@ def test_mixed_ops_keep_their_order_across_submissions() -> None:
     assert backend.batches == [ops]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a StoreRecordError in one submission poisons the group: the batch stays pending and "
-    "every later commit raises again, so the good submissions never commit",
-)
 def test_a_bad_submission_does_not_block_the_others() -> None:
     backend = FakeBackend()
     writer = GroupCommit(backend)
