@@ -65,6 +65,8 @@ from store.records import (
     check_ops,
 )
 
+WRITE_WAIT_S = 0.5  # how long a batch waits for a pooled connection before "unavailable"
+
 __all__ = ["PostgresBackend"]
 
 _Conn = psycopg.Connection[tuple[Any, ...]]
@@ -299,7 +301,11 @@ class PostgresBackend:
         if not ops:
             return
         try:
-            with self._connection("writing a batch") as conn, conn.transaction(), conn.cursor() as cur:
+            with (
+                self._connection("writing a batch", WRITE_WAIT_S) as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
                 _write(conn, cur, ops)
         except (TypeError, ValueError) as e:  # a value the driver cannot send (check_ops lets none through)
             raise StoreRecordError(f"{self._where}: writing a batch failed ({e}); rolled back") from None
@@ -377,12 +383,17 @@ class PostgresBackend:
     # --- plumbing -----------------------------------------------------------------------------------
 
     @contextmanager
-    def _connection(self, doing: str) -> Iterator[_Conn]:
+    def _connection(self, doing: str, wait_s: float | None = None) -> Iterator[_Conn]:
+        """A pooled connection; `wait_s` bounds the wait for one (the pool's timeout otherwise).
+
+        Writes wait briefly: while the server is down the store process must keep its loop
+        turning (refusing what waited too long, answering reads), and the writer retries anyway.
+        """
         pool = self._pool
         if pool is None:
             raise StoreError(f"{self._where}: the store is not open")
         try:
-            with pool.connection() as conn:
+            with pool.connection(timeout=wait_s) as conn:
                 yield conn
         except psycopg.Error as e:
             raise self._error(doing, e) from None
