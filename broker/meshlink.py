@@ -53,6 +53,7 @@ RECV_ITEMS = 2048  # messages from the mesh handled per turn of the event loop b
 QOS0_PATIENCE_S = 1.0  # how long QoS 0 envelopes wait behind a blocked outbox before being dropped
 TIMER_S = 0.05
 CH_SYNC = b"\x00Y"  # upstream barrier marker (a subscription), see PROTOCOL.md, barriers
+BARRIER_RESEND_S = 0.1  # the downstream marker again, for peers whose SUB was not linked yet
 
 
 @dataclass(slots=True)
@@ -69,6 +70,7 @@ class _Barrier:
     token: bytes
     done: Callable[[float], None]
     deadline: float
+    sent_at: float
 
 
 class WorkerMesh:
@@ -137,6 +139,19 @@ class WorkerMesh:
     async def join(self, timeout_s: float = 10.0) -> None:
         """Say hello to the relay and load the retained messages and shared members (Clone)."""
         self._control("hello", self.index, self.incarnation, os.getpid())
+        # First make sure every live peer and we are linked both ways and see each other's
+        # subscriptions (a barrier), then take the snapshot: an update sent before our links
+        # existed is then in the snapshot, and every later one reaches us [Clone pattern].
+        linked: asyncio.Future[None] = self.loop.create_future()
+        def on_linked(now: float) -> None:
+            if not linked.done():
+                linked.set_result(None)
+
+        self.barrier(self.loop.time(), on_linked)
+        try:
+            await asyncio.wait_for(linked, timeout_s)
+        except TimeoutError:
+            log.warning("worker %d: peers did not answer within %.0fs; joining anyway", self.index, timeout_s)
         self.snapshot = self.loop.create_future()
         self._control("snapshot")
         try:
@@ -249,7 +264,7 @@ class WorkerMesh:
         self.sub.subscribe(CH_SYNC + token)
         self._send(CH_SHARED, env.pack_sync(self.origin, self._seq(), token), True)
         req = self._control("sync", token.decode())
-        self.barriers[req] = _Barrier(token, done, now + self.handoff_timeout_s)
+        self.barriers[req] = _Barrier(token, done, now + self.handoff_timeout_s, now)
 
     def flush(self) -> None:
         if self.batches:
@@ -582,6 +597,10 @@ class WorkerMesh:
                     )
                     claim.done(0, None, now)
             for req, barrier in list(self.barriers.items()):
+                if now - barrier.sent_at >= BARRIER_RESEND_S:
+                    # A peer whose SUB was not yet subscribed to us missed the marker: again.
+                    barrier.sent_at = now
+                    self._send(CH_SHARED, env.pack_sync(self.origin, self._seq(), barrier.token), True)
                 if now >= barrier.deadline:
                     del self.barriers[req]
                     log.warning("worker %d: subscription barrier timed out", self.index)
