@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import replace
 
 from broker.config import MqttConfig
+from broker.delivery import Delivery
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
-from broker.mesh_codec import session_to_wire
+from broker.lifecycle import SessionLifecycle
 from broker.messages import Message
 from broker.metrics import Counters
 from broker.ports import ClientIdSource, MemorySessionStore, MeshPort, NoMesh, SessionStore, random_client_id
 from broker.protocol.connection import ConnectionState, Link, ServerConnection
 from broker.protocol.errors import MQTTError, UnsupportedProtocolVersion
-from broker.protocol.packets import Packet, Pubrel, Will
+from broker.protocol.packets import Packet
 from broker.protocol.reasons import Reason
 from broker.routing.retained import RetainedTree
 from broker.routing.shared import SharedChoice
 from broker.routing.topic_tree import TopicTree
-from broker.session import NEVER_EXPIRES_S, Outgoing, OutState, Session, SubEntry
+from broker.session import NEVER_EXPIRES_S, Session, SubEntry
 
 log = logging.getLogger("broker.core")
 
@@ -46,7 +46,7 @@ Route = tuple[str, tuple[SubEntry, ...]]
 SharedRoute = tuple[tuple[str, str], list[SubEntry]]  # ((group, filter), members)
 
 
-class BrokerCore:
+class BrokerCore(SessionLifecycle, Delivery):
     def __init__(
         self,
         config: MqttConfig,
@@ -229,130 +229,6 @@ class BrokerCore:
                 conn.link.close()
         dirty.clear()
 
-    # -- sessions -------------------------------------------------------------------------------
-
-    def end_session(self, session: Session, now: float) -> None:
-        """The session is over: drop its subscriptions and state; a pending will goes out now."""
-        if self.sessions.get(session.client_id) is not session:
-            return
-        if session.will is not None and session.will_at is not None:
-            self.publish_will(session, now)
-        self._forget_session(session)
-        if session.stored:
-            self.store.session_removed(session.client_id)
-        self.mesh.session_ended(session.client_id, session.epoch)
-
-    def _forget_session(self, session: Session) -> None:
-        for topic_filter in list(session.subscriptions):
-            self.remove_subscription(session, topic_filter)
-        del self.sessions[session.client_id]
-
-    def take_over(self, session: Session, clean_start: bool, now: float) -> None:
-        """A new connection claims the session: close the old one with 0x8E [MQTT-3.1.4-3].
-
-        The old connection's will goes out unless the session continues and the will was
-        delayed [MQTT-3.1.3-9]; a delayed will pending from an earlier connection goes out if
-        the session ends now (clean start).
-        """
-        old = session.connection
-        if old is not None:
-            self.counters.sessions_taken_over += 1
-            log.info("client %r: session taken over (was %s)", session.client_id, old.peer)
-            old.close("session taken over", Reason.SESSION_TAKEN_OVER)
-            old.session = None
-            self.connected_count -= 1
-            session.connection = None
-            will = session.will
-            if will is not None and (clean_start or not will.properties.will_delay_interval_s):
-                self.publish_will(session, now)
-        elif session.will_at is not None and clean_start:
-            self.publish_will(session, now)
-        session.will = None
-        session.will_at = None
-
-    def release(self, client_id: str, epoch: int, new_worker: int, clean_start: bool, now: float) -> None:
-        """Another worker claimed `client_id`: hand the session over and forget it here."""
-        session = self.sessions.get(client_id)
-        state = None
-        if session is not None:
-            if session.epoch > epoch:
-                log.info("client %r: stale release (epoch %d < %d) ignored", client_id, epoch, session.epoch)
-                return
-            self.take_over(session, clean_start, now)
-            if not clean_start:
-                state = session_to_wire(session, now)
-            self._forget_session(session)
-        self.mesh.handoff(new_worker, client_id, epoch, state)
-
-    def deliver_directed(
-        self, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
-    ) -> None:
-        """A message another worker picked one of our sessions for (a shared subscription)."""
-        session = self.sessions.get(client_id)
-        if session is None:
-            self.counters.messages_dropped_no_session += 1
-            return
-        self.deliver(session, message, qos, retain, sub_ids, now)
-
-    def schedule_will(self, session: Session, now: float) -> None:
-        will = session.will
-        assert will is not None
-        delay = will.properties.will_delay_interval_s or 0
-        if session.expiry_interval_s < delay:
-            delay = session.expiry_interval_s  # the session ending sends it [MQTT-3.1.3-9 area]
-        if delay <= 0:
-            self.publish_will(session, now)
-        else:
-            session.will_at = now + delay
-            self._add_timer(session.will_at, session.client_id, "will")
-
-    def publish_will(self, session: Session, now: float) -> None:
-        will = session.will
-        session.will = None
-        session.will_at = None
-        if will is None:
-            return
-        self.counters.wills_published += 1
-        self.publish_server_message(self.will_message(will, session.client_id, now), now)
-
-    def publish_server_message(self, message: Message, now: float) -> None:
-        """Publish a message the server originates (a will): durable like a client's QoS 1/2
-        publish, retained if it says so [MQTT-3.1.2-17], with nobody to acknowledge."""
-        store = self.store
-        if store.enabled:
-            rows = store.durable_targets(message) if message.qos else []
-            if rows or (message.retain and message.qos):
-                store.persist(message, rows, message.retain, False, lambda ok, now: self._publish_now(message, now))
-                return
-            if message.retain:
-                store.retained_changed(message.topic, message)
-        self._publish_now(message, now)
-
-    def _publish_now(self, message: Message, now: float) -> None:
-        if message.retain:
-            self.retain(message, persist=False)
-        self.publish(message, now)
-
-    @staticmethod
-    def will_message(will: Will, client_id: str, now: float) -> Message:
-        props = will.properties
-        if props.will_delay_interval_s is not None:
-            props = replace(props, will_delay_interval_s=None)  # a will property, not a PUBLISH one
-        expiry = props.message_expiry_interval_s
-        return Message(
-            will.topic,
-            will.payload,
-            will.qos,
-            will.retain,
-            props,
-            client_id,
-            None if expiry is None else now + expiry,
-        )
-
-    def _add_timer(self, due: float, client_id: str, kind: str) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (due, self._timer_seq, client_id, kind))
-
     def tick(self, now: float) -> None:
         """Run what is due: keepalive and CONNECT timeouts, delayed wills, session expiry."""
         timers = self._timers
@@ -531,108 +407,6 @@ class BrokerCore:
             count += 1
         return count
 
-    def deliver(
-        self, session: Session, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
-    ) -> None:
-        conn = session.connection
-        if qos == 0:
-            if conn is None:
-                return  # QoS 0 is not queued for offline sessions
-            if conn.write_paused:
-                self.counters.messages_dropped_qos0_slow_client += 1
-                return
-            data = conn.publish_bytes(message, 0, retain, sub_ids, 0, False, now)
-            if data is None:
-                self.counters.messages_dropped_too_large += 1
-                return
-            conn.push(data)
-            self.counters.messages_sent += 1
-            return
-        item = Outgoing(message, qos, retain, sub_ids)
-        if (
-            conn is not None
-            and not conn.write_paused
-            and not session.queue
-            and len(session.inflight) < self.send_window(conn)
-        ):
-            self.send_outgoing(session, conn, item, now)
-        elif len(session.queue) < self.config.max_queued_messages:
-            session.queue.append(item)
-        else:
-            session.dropped_messages += 1
-            self.counters.messages_dropped_queue_full += 1
-            if session.dropped_messages == 1 or session.dropped_messages % 1000 == 0:
-                log.warning(
-                    "session %r: queue full (%d), %d message(s) dropped so far",
-                    session.client_id,
-                    self.config.max_queued_messages,
-                    session.dropped_messages,
-                )
-
-    def send_window(self, conn: ServerConnection) -> int:
-        """How many QoS 1/2 PUBLISHes may be unacknowledged [MQTT-3.3.4-9]."""
-        limit = self.config.max_inflight
-        return conn.client_receive_maximum if conn.client_receive_maximum < limit else limit
-
-    def send_outgoing(self, session: Session, conn: ServerConnection, item: Outgoing, now: float) -> bool:
-        """Give the item a packet id and send it; False if it cannot go (too large or expired)."""
-        if item.message.expired(now):
-            self.counters.messages_dropped_expired += 1
-            self.done_with(session, item)
-            return False
-        pid = session.allocate_packet_id()
-        data = conn.publish_bytes(item.message, item.qos, item.retain, item.subscription_ids, pid, False, now)
-        if data is None:
-            self.counters.messages_dropped_too_large += 1
-            self.done_with(session, item)
-            return False
-        session.inflight[pid] = item
-        conn.push(data)
-        self.counters.messages_sent += 1
-        return True
-
-    def done_with(self, session: Session, item: Outgoing) -> None:
-        """A QoS 1/2 delivery is over (acknowledged, or dropped): its queue row can go."""
-        msg_id = item.message.msg_id
-        if msg_id and session.stored:
-            self.store.ack(session.client_id, msg_id)
-
-    def pump(self, session: Session, now: float) -> None:
-        """Move queued messages into the in-flight window while there is room."""
-        conn = session.connection
-        if conn is None or conn.closing or conn.write_paused:
-            return
-        queue = session.queue
-        window = self.send_window(conn)
-        while queue and len(session.inflight) < window:
-            self.send_outgoing(session, conn, queue.popleft(), now)
-
-    def resume(self, session: Session, conn: ServerConnection, now: float) -> None:
-        """After CONNACK on a resumed session: resend what was in flight, then the queue.
-
-        PUBLISH again with DUP set and the same packet id, PUBREL for those already
-        received by the client [MQTT-4.4.0-1].
-        """
-        for pid, item in list(session.inflight.items()):
-            if item.state is OutState.AWAITING_PUBCOMP:
-                conn.send(Pubrel(pid))
-                continue
-            if item.message.expired(now):
-                del session.inflight[pid]
-                self.counters.messages_dropped_expired += 1
-                self.done_with(session, item)
-                continue
-            data = conn.publish_bytes(
-                item.message, item.qos, item.retain, item.subscription_ids, pid, True, now
-            )
-            if data is None:
-                del session.inflight[pid]
-                self.counters.messages_dropped_too_large += 1
-                self.done_with(session, item)
-                continue
-            conn.push(data)
-        self.pump(session, now)
-
     def pause_reading(self, pause: bool) -> None:
         """Stop (or restart) reading from every client: the mesh cannot take more for now."""
         self.reading_paused = pause
@@ -641,12 +415,6 @@ class BrokerCore:
                 conn.link.pause_reading()
             else:
                 conn.link.resume_reading()
-
-    def writable_again(self, conn: ServerConnection, now: float) -> None:
-        """The socket drained: queued QoS 1/2 messages can flow again."""
-        conn.write_paused = False
-        if conn.session is not None and conn.session.connection is conn:
-            self.pump(conn.session, now)
 
     # -- retained -------------------------------------------------------------------------------
 

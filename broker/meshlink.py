@@ -143,6 +143,7 @@ class WorkerMesh:
         # subscriptions (a barrier), then take the snapshot: an update sent before our links
         # existed is then in the snapshot, and every later one reaches us [Clone pattern].
         linked: asyncio.Future[None] = self.loop.create_future()
+
         def on_linked(now: float) -> None:
             if not linked.done():
                 linked.set_result(None)

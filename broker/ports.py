@@ -16,9 +16,9 @@ from typing import Protocol
 
 from broker.messages import Message
 from broker.session import Outgoing, Session, SubEntry
+from mesh.envelope import SessionWire
 from store.records import QueuedRecord, SessionRecord
 from store.wire import QueuedTuple
-from mesh.envelope import SessionWire
 
 
 class SessionStore(Protocol):
@@ -45,15 +45,22 @@ class SessionStore(Protocol):
     def durable_targets(self, message: Message) -> list[QueuedTuple]:
         """The queue rows a QoS 1/2 message needs (one per matching persistent session)."""
 
-    def persist(self, message: Message, rows: list[QueuedTuple], retained: bool, may_refuse: bool,
-                done: Callable[[bool, float], None]) -> None:
+    def persist(
+        self,
+        message: Message,
+        rows: list[QueuedTuple],
+        retained: bool,
+        may_refuse: bool,
+        done: Callable[[bool, float], None],
+    ) -> None:
         """Make rows and the retained change durable; done(ok, now) once committed (or refused)."""
 
     def ack(self, client_id: str, msg_id: int) -> None:
         """A persistent session got message `msg_id` acknowledged: its row can go."""
 
-    def load(self, client_id: str,
-             done: Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]) -> None:
+    def load(
+        self, client_id: str, done: Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]
+    ) -> None:
         """The stored session and its queued messages; done(record, rows, ok, now)."""
 
     def queued_to_outgoing(self, row: QueuedRecord, now: float) -> Outgoing:
@@ -134,15 +141,22 @@ class MemorySessionStore:
     def durable_targets(self, message: Message) -> list[QueuedTuple]:
         return []
 
-    def persist(self, message: Message, rows: list[QueuedTuple], retained: bool, may_refuse: bool,
-                done: Callable[[bool, float], None]) -> None:
+    def persist(
+        self,
+        message: Message,
+        rows: list[QueuedTuple],
+        retained: bool,
+        may_refuse: bool,
+        done: Callable[[bool, float], None],
+    ) -> None:
         raise AssertionError("nothing is durable without a store")
 
     def ack(self, client_id: str, msg_id: int) -> None:
         pass
 
-    def load(self, client_id: str,
-             done: Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]) -> None:
+    def load(
+        self, client_id: str, done: Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]
+    ) -> None:
         raise AssertionError("nothing is stored without a store")
 
     def queued_to_outgoing(self, row: QueuedRecord, now: float) -> Outgoing:

@@ -17,6 +17,7 @@ this worker sent them (one DEALER), so per-subscriber FIFO order holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -74,7 +75,9 @@ class StoreLink:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 2000)  # acks and saves still in the pipe at exit
-        self.dealer.setsockopt(zmq.SNDHWM, 0)  # never drop a request; the store applies backpressure by latency
+        self.dealer.setsockopt(
+            zmq.SNDHWM, 0
+        )  # never drop a request; the store applies backpressure by latency
         self.dealer.setsockopt(zmq.IDENTITY, f"w{index}".encode())
         self.dealer.connect(endpoint(ipc_dir, "store.ctl"))
         self.sub = self.ctx.socket(zmq.SUB)
@@ -128,7 +131,9 @@ class StoreLink:
         if self.index != 1:
             return []
         recovered: asyncio.Future[env.Control] = self.loop.create_future()
-        self._request("recover", (self.node,), lambda c, now: recovered.set_result(c) if not recovered.done() else None)
+        self._request(
+            "recover", (self.node,), lambda c, now: recovered.set_result(c) if not recovered.done() else None
+        )
         control = await asyncio.wait_for(recovered, timeout_s)
         (wills,) = control.body
         assert isinstance(wills, tuple)
@@ -143,16 +148,16 @@ class StoreLink:
             self._timer.cancel()
         self.flush()
         for sock in (self.dealer, self.sub):
-            try:
+            with contextlib.suppress(zmq.ZMQError, ValueError):
                 self.loop.remove_reader(int(sock.getsockopt(zmq.FD)))
-            except (zmq.ZMQError, ValueError):
-                pass
         self.sub.close(0)
         self.dealer.close()
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def _request(self, kind: str, body: tuple[object, ...], done: Callable[[env.Control, float], None] | None) -> None:
+    def _request(
+        self, kind: str, body: tuple[object, ...], done: Callable[[env.Control, float], None] | None
+    ) -> None:
         self.req_id += 1
         if done is not None:
             self.waiting[self.req_id] = done
@@ -173,15 +178,27 @@ class StoreLink:
         will_record = None
         if will is not None:
             will_record = WillRecord(
-                will.topic, will.payload, will.qos, will.retain, pack_props(will.properties),
+                will.topic,
+                will.payload,
+                will.qos,
+                will.retain,
+                pack_props(will.properties),
                 will.properties.will_delay_interval_s or 0,
             )
         record = SessionRecord(
             session.client_id,
             session.expiry_interval_s,
             tuple(
-                SubscriptionRecord(key, e.topic_filter, e.qos, e.no_local, e.retain_as_published,
-                                   e.retain_handling, e.subscription_id, e.share_group)
+                SubscriptionRecord(
+                    key,
+                    e.topic_filter,
+                    e.qos,
+                    e.no_local,
+                    e.retain_as_published,
+                    e.retain_handling,
+                    e.subscription_id,
+                    e.share_group,
+                )
                 for key, e in session.subscriptions.items()
             ),
             will_record,
@@ -234,12 +251,30 @@ class StoreLink:
                 continue
             retain = message.retain and any(e.retain_as_published for e in entries)
             sub_ids = tuple(e.subscription_id for e in entries if e.subscription_id is not None)
-            rows.append((client_id, message.msg_id, qos, retain, sub_ids, message.topic, message.payload, props,
-                         message.origin, expires_at, 0))
+            rows.append(
+                (
+                    client_id,
+                    message.msg_id,
+                    qos,
+                    retain,
+                    sub_ids,
+                    message.topic,
+                    message.payload,
+                    props,
+                    message.origin,
+                    expires_at,
+                    0,
+                )
+            )
         return rows
 
     def persist(
-        self, message: Message, rows: list[wire.QueuedTuple], retained: bool, may_refuse: bool, done: PersistDone
+        self,
+        message: Message,
+        rows: list[wire.QueuedTuple],
+        retained: bool,
+        may_refuse: bool,
+        done: PersistDone,
     ) -> None:
         """Make rows (and the retained change) durable; done(True) after the commit."""
         pending = (1 if rows else 0) + (1 if retained else 0)
@@ -293,13 +328,28 @@ class StoreLink:
         expires_at = None
         if message.expires_at is not None:
             expires_at = time.time() + (message.expires_at - self.loop.time())
-        return (message.topic, message.payload, message.qos, pack_props(message.properties), message.origin,
-                expires_at, time.time())
+        return (
+            message.topic,
+            message.payload,
+            message.qos,
+            pack_props(message.properties),
+            message.origin,
+            expires_at,
+            time.time(),
+        )
 
     def queued_to_outgoing(self, row: QueuedRecord, now: float) -> Outgoing:
         expires_at = None if row.expires_at is None else now + (row.expires_at - time.time())
-        message = Message(row.topic, row.payload, row.qos, row.retain, unpack_props(row.props), row.origin,
-                          expires_at, row.msg_id)
+        message = Message(
+            row.topic,
+            row.payload,
+            row.qos,
+            row.retain,
+            unpack_props(row.props),
+            row.origin,
+            expires_at,
+            row.msg_id,
+        )
         return Outgoing(message, row.qos, row.retain, row.sub_ids)
 
     # -- replica of the persistent subscriptions ----------------------------------------------------
@@ -315,10 +365,19 @@ class StoreLink:
         self.durable_subs[client_id] = subs
         for s in subs:
             if s.share_group is None:
-                self.durable.add(s.topic_filter, client_id, SubEntry(
-                    client_id, s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
-                    s.subscription_id,
-                ))
+                self.durable.add(
+                    s.topic_filter,
+                    client_id,
+                    SubEntry(
+                        client_id,
+                        s.topic_filter,
+                        s.qos,
+                        s.no_local,
+                        s.retain_as_published,
+                        s.retain_handling,
+                        s.subscription_id,
+                    ),
+                )
 
     def _apply_dsub(self, client_id: str, subs: object) -> None:
         if subs is None:

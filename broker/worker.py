@@ -18,12 +18,11 @@ import signal
 import socket
 from dataclasses import replace
 
-from broker.config import Config
+from broker.config import Config, StoreType
 from broker.core import BrokerCore
 from broker.logs import configure_logging
 from broker.meshlink import WorkerMesh
 from broker.net.tcp import MqttStreamProtocol
-from broker.config import StoreType
 from broker.ports import MeshPort, SessionStore
 from broker.storelink import StoreLink
 
@@ -35,7 +34,11 @@ PR_SET_PDEATHSIG = 1
 
 class Worker:
     def __init__(
-        self, config: Config, worker_index: int = 1, mesh: MeshPort | None = None, store: SessionStore | None = None
+        self,
+        config: Config,
+        worker_index: int = 1,
+        mesh: MeshPort | None = None,
+        store: SessionStore | None = None,
     ) -> None:
         self.config = config
         self.worker_index = worker_index

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq

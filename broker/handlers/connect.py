@@ -260,10 +260,21 @@ def _attach_session(
         session = Session(client_id, pending.expiry_s)
         core.sessions[client_id] = session
         for sub in record.subscriptions:
-            core.add_subscription(session, sub.key_filter, SubEntry(
-                client_id, sub.topic_filter, sub.qos, sub.no_local, sub.retain_as_published,
-                sub.retain_handling, sub.subscription_id, sub.share_group, core.worker_index,
-            ))
+            core.add_subscription(
+                session,
+                sub.key_filter,
+                SubEntry(
+                    client_id,
+                    sub.topic_filter,
+                    sub.qos,
+                    sub.no_local,
+                    sub.retain_as_published,
+                    sub.retain_handling,
+                    sub.subscription_id,
+                    sub.share_group,
+                    core.worker_index,
+                ),
+            )
     if session is not None and rows:
         known = {item.message.msg_id for item in session.inflight.values()}
         known.update(item.message.msg_id for item in session.queue)

@@ -81,7 +81,9 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
         if waiters is not None:
             # a resend of a message the store has not confirmed yet: its PUBREC waits for that
             step = hold_step(conn)
-            waiters.append(lambda reason, now: complete_step(conn, step, lambda now: conn.send(Pubrec(pid, reason)), now))
+            waiters.append(
+                lambda reason, now: complete_step(conn, step, lambda now: conn.send(Pubrec(pid, reason)), now)
+            )
             return
         if len(session.inbound_qos2) >= core.config.max_inflight:
             raise ReceiveMaximumExceeded(
@@ -121,7 +123,10 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
                     session.qos2_persisting[pid] = []
                 step = hold_step(conn)
                 store.persist(
-                    message, rows, message.retain, conn.version is V5,
+                    message,
+                    rows,
+                    message.retain,
+                    conn.version is V5,
                     lambda ok, now: _durable(core, conn, session, packet, message, step, ok, now),
                 )
                 return
@@ -131,14 +136,21 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
         # An earlier message of this client still waits for the store: this one is routed and
         # acknowledged after it, so that order holds [MQTT-4.6.0-2, -3, -5].
         step = hold_step(conn)
-        complete_step(conn, step, lambda now: _route_and_ack(core, conn, session, packet, message, False, now), now)
+        complete_step(
+            conn, step, lambda now: _route_and_ack(core, conn, session, packet, message, False, now), now
+        )
         return
     _route_and_ack(core, conn, session, packet, message, False, now)
 
 
 def _route_and_ack(
-    core: BrokerCore, conn: ServerConnection, session: Session, packet: Publish, message: Message,
-    stored: bool, now: float,
+    core: BrokerCore,
+    conn: ServerConnection,
+    session: Session,
+    packet: Publish,
+    message: Message,
+    stored: bool,
+    now: float,
 ) -> None:
     if message.retain:
         core.retain(message, persist=False)
@@ -154,8 +166,14 @@ def _route_and_ack(
 
 
 def _durable(
-    core: BrokerCore, conn: ServerConnection, session: Session, packet: Publish, message: Message,
-    step: _Step, ok: bool, now: float,
+    core: BrokerCore,
+    conn: ServerConnection,
+    session: Session,
+    packet: Publish,
+    message: Message,
+    step: _Step,
+    ok: bool,
+    now: float,
 ) -> None:
     """The store answered for a QoS 1/2 message: deliver and acknowledge, or refuse it."""
     pid = packet.packet_id
@@ -163,14 +181,20 @@ def _durable(
     if not ok:
         # The database could not make it durable in time: 5.0 publishers are told (and may
         # resend); 3.1.1 ones never get here (they wait for the store) [DESIGN.md, Store].
-        log.warning("client %r: QoS %d message to %r refused, the store is unavailable",
-                    session.client_id, packet.qos, message.topic)
+        log.warning(
+            "client %r: QoS %d message to %r refused, the store is unavailable",
+            session.client_id,
+            packet.qos,
+            message.topic,
+        )
         ack = Puback if packet.qos == 1 else Pubrec
         complete_step(conn, step, lambda now: conn.send(ack(pid, Reason.UNSPECIFIED_ERROR)), now)
         for waiter in waiters or ():
             waiter(Reason.UNSPECIFIED_ERROR, now)
         return
-    complete_step(conn, step, lambda now: _route_and_ack(core, conn, session, packet, message, True, now), now)
+    complete_step(
+        conn, step, lambda now: _route_and_ack(core, conn, session, packet, message, True, now), now
+    )
     for waiter in waiters or ():
         waiter(Reason.SUCCESS, now)
 

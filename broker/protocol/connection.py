@@ -70,7 +70,6 @@ class ConnectionState(Enum):
 class ServerConnection:
     __slots__ = (
         "alias_in",
-        "pipeline",
         "alias_out",
         "client_id",
         "client_max_packet_bytes",
@@ -89,6 +88,7 @@ class ServerConnection:
         "out",
         "out_dropped",
         "peer",
+        "pipeline",
         "problem_information",
         "session",
         "state",

@@ -1,0 +1,181 @@
+"""How sessions end, move and leave wills: the session lifecycle of one worker's core.
+
+Why: the rules for the end of a session (clean start, expiry), a takeover by a newer connection
+here or on another worker (release and hand-off), and wills (delayed, published durably) are
+one concern, apart from connection handling and delivery. `BrokerCore` mixes this in.
+
+Must not: do IO or read the clock (every entry point takes `now`); route a message other than
+through `BrokerCore.publish`.
+
+Invariants: a session ends at most once (its subscriptions are removed, the store and the
+registry are told); a will is published at most once (`session.will` is cleared first).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from broker.mesh_codec import session_to_wire
+from broker.messages import Message
+from broker.metrics import Counters
+from broker.ports import MeshPort, SessionStore
+from broker.protocol.packets import Will
+from broker.protocol.reasons import Reason
+from broker.session import Session
+
+log = logging.getLogger("broker.core")
+
+
+class SessionLifecycle:
+    sessions: dict[str, Session]
+    counters: Counters
+    store: SessionStore
+    mesh: MeshPort
+    connected_count: int
+    _timers: list[tuple[float, int, str, str]]
+    _timer_seq: int
+
+    if TYPE_CHECKING:  # provided by BrokerCore and Delivery
+
+        def publish(self, message: Message, now: float) -> bool: ...
+
+        def retain(self, message: Message, persist: bool = True) -> None: ...
+
+        def remove_subscription(self, session: Session, key_filter: str) -> bool: ...
+
+        def deliver(
+            self,
+            session: Session,
+            message: Message,
+            qos: int,
+            retain: bool,
+            sub_ids: tuple[int, ...],
+            now: float,
+        ) -> None: ...
+
+    def end_session(self, session: Session, now: float) -> None:
+        """The session is over: drop its subscriptions and state; a pending will goes out now."""
+        if self.sessions.get(session.client_id) is not session:
+            return
+        if session.will is not None and session.will_at is not None:
+            self.publish_will(session, now)
+        self._forget_session(session)
+        if session.stored:
+            self.store.session_removed(session.client_id)
+        self.mesh.session_ended(session.client_id, session.epoch)
+
+    def _forget_session(self, session: Session) -> None:
+        for topic_filter in list(session.subscriptions):
+            self.remove_subscription(session, topic_filter)
+        del self.sessions[session.client_id]
+
+    def take_over(self, session: Session, clean_start: bool, now: float) -> None:
+        """A new connection claims the session: close the old one with 0x8E [MQTT-3.1.4-3].
+
+        The old connection's will goes out unless the session continues and the will was
+        delayed [MQTT-3.1.3-9]; a delayed will pending from an earlier connection goes out if
+        the session ends now (clean start).
+        """
+        old = session.connection
+        if old is not None:
+            self.counters.sessions_taken_over += 1
+            log.info("client %r: session taken over (was %s)", session.client_id, old.peer)
+            old.close("session taken over", Reason.SESSION_TAKEN_OVER)
+            old.session = None
+            self.connected_count -= 1
+            session.connection = None
+            will = session.will
+            if will is not None and (clean_start or not will.properties.will_delay_interval_s):
+                self.publish_will(session, now)
+        elif session.will_at is not None and clean_start:
+            self.publish_will(session, now)
+        session.will = None
+        session.will_at = None
+
+    def release(self, client_id: str, epoch: int, new_worker: int, clean_start: bool, now: float) -> None:
+        """Another worker claimed `client_id`: hand the session over and forget it here."""
+        session = self.sessions.get(client_id)
+        state = None
+        if session is not None:
+            if session.epoch > epoch:
+                log.info("client %r: stale release (epoch %d < %d) ignored", client_id, epoch, session.epoch)
+                return
+            self.take_over(session, clean_start, now)
+            if not clean_start:
+                state = session_to_wire(session, now)
+            self._forget_session(session)
+        self.mesh.handoff(new_worker, client_id, epoch, state)
+
+    def deliver_directed(
+        self, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
+    ) -> None:
+        """A message another worker picked one of our sessions for (a shared subscription)."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            self.counters.messages_dropped_no_session += 1
+            return
+        self.deliver(session, message, qos, retain, sub_ids, now)
+
+    def schedule_will(self, session: Session, now: float) -> None:
+        will = session.will
+        assert will is not None
+        delay = will.properties.will_delay_interval_s or 0
+        if session.expiry_interval_s < delay:
+            delay = session.expiry_interval_s  # the session ending sends it [MQTT-3.1.3-9 area]
+        if delay <= 0:
+            self.publish_will(session, now)
+        else:
+            session.will_at = now + delay
+            self._add_timer(session.will_at, session.client_id, "will")
+
+    def publish_will(self, session: Session, now: float) -> None:
+        will = session.will
+        session.will = None
+        session.will_at = None
+        if will is None:
+            return
+        self.counters.wills_published += 1
+        self.publish_server_message(self.will_message(will, session.client_id, now), now)
+
+    def publish_server_message(self, message: Message, now: float) -> None:
+        """Publish a message the server originates (a will): durable like a client's QoS 1/2
+        publish, retained if it says so [MQTT-3.1.2-17], with nobody to acknowledge."""
+        store = self.store
+        if store.enabled:
+            rows = store.durable_targets(message) if message.qos else []
+            if rows or (message.retain and message.qos):
+                store.persist(
+                    message, rows, message.retain, False, lambda ok, now: self._publish_now(message, now)
+                )
+                return
+            if message.retain:
+                store.retained_changed(message.topic, message)
+        self._publish_now(message, now)
+
+    def _publish_now(self, message: Message, now: float) -> None:
+        if message.retain:
+            self.retain(message, persist=False)
+        self.publish(message, now)
+
+    @staticmethod
+    def will_message(will: Will, client_id: str, now: float) -> Message:
+        props = will.properties
+        if props.will_delay_interval_s is not None:
+            props = replace(props, will_delay_interval_s=None)  # a will property, not a PUBLISH one
+        expiry = props.message_expiry_interval_s
+        return Message(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            props,
+            client_id,
+            None if expiry is None else now + expiry,
+        )
+
+    def _add_timer(self, due: float, client_id: str, kind: str) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (due, self._timer_seq, client_id, kind))
