@@ -79,6 +79,7 @@ class BrokerCore(SessionLifecycle, Delivery):
         self._timer_seq = 0
         self.stopping = False
         self.reading_paused = False
+        self.writers_paused = 0
         from broker.handlers import dispatch  # the handlers import this module's types
 
         self._dispatch = dispatch.TABLE
@@ -169,6 +170,9 @@ class BrokerCore(SessionLifecycle, Delivery):
             return
         was_connected = conn.state is ConnectionState.CONNECTED
         conn.state = ConnectionState.CLOSED
+        if conn.write_paused:
+            conn.write_paused = False
+            self.writers_paused -= 1
         self.connections.discard(conn)
         pending = conn.decoder.buffered_bytes
         if not was_connected:

@@ -32,6 +32,14 @@ class Delivery:
     config: MqttConfig
     counters: Counters
     store: SessionStore
+    # Connections whose socket is not keeping up; the mesh reads less while there are any.
+    writers_paused: int
+
+    def write_paused(self, conn: ServerConnection) -> None:
+        """The socket's buffer is full: QoS 0 is dropped for it, QoS 1/2 waits in its queue."""
+        if not conn.write_paused:
+            conn.write_paused = True
+            self.writers_paused += 1
 
     def deliver(
         self, session: Session, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
@@ -137,6 +145,8 @@ class Delivery:
 
     def writable_again(self, conn: ServerConnection, now: float) -> None:
         """The socket drained: queued QoS 1/2 messages can flow again."""
-        conn.write_paused = False
+        if conn.write_paused:
+            conn.write_paused = False
+            self.writers_paused -= 1
         if conn.session is not None and conn.session.connection is conn:
             self.pump(conn.session, now)

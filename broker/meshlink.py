@@ -49,8 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.mesh")
 
+MAX_BATCH_ITEMS = 64  # messages per publish envelope
 RECV_ITEMS = 2048  # messages from the mesh handled per turn of the event loop before yielding
-QOS0_PATIENCE_S = 1.0  # how long QoS 0 envelopes wait behind a blocked outbox before being dropped
+MESH_HOLD_S = 0.1  # longest the mesh input waits for clients whose sockets are full
+QOS0_PATIENCE_S = 1.0  # how long an outbox may make no progress before QoS 0 envelopes are dropped
 TIMER_S = 0.05
 CH_SYNC = b"\x00Y"  # upstream barrier marker (a subscription), see PROTOCOL.md, barriers
 BARRIER_RESEND_S = 0.1  # the downstream marker again, for peers whose SUB was not linked yet
@@ -112,7 +114,7 @@ class WorkerMesh:
         self.interest_cache: dict[str, bool] = {}
         self.batches: dict[str, list[Item]] = {}
         self.outbox: deque[list[bytes]] = deque()
-        self.outbox_since = 0.0  # when the outbox last started to fill
+        self.outbox_since = 0.0  # when the outbox started to fill or last made progress
         self.paused = False
         self.req_id = 0
         self.claims: dict[int, _Claim] = {}
@@ -125,6 +127,7 @@ class WorkerMesh:
         self._timer: asyncio.TimerHandle | None = None
         self._next_hb = 0.0
         self._kicked = False
+        self.hold_since = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -193,6 +196,10 @@ class WorkerMesh:
             self.batches[topic] = [item]
         else:
             batch.append(item)
+            if len(batch) >= MAX_BATCH_ITEMS:
+                # Envelopes stay small so that the high-water mark (counted in envelopes)
+                # bounds what waits between two workers, and backpressure comes early.
+                self._flush_topic(topic)
         return True
 
     def direct(
@@ -296,6 +303,7 @@ class WorkerMesh:
         publishers are slowed through TCP. Only an envelope of QoS 0 messages that would wait
         behind an outbox blocked for more than QOS0_PATIENCE_S (a peer that stopped reading) is
         dropped, and counted, so that one stuck process cannot stall QoS 0 traffic for long.
+        A peer that is slow but reading keeps the outbox moving and costs nothing.
         """
         core = self.core
         outbox = self.outbox
@@ -311,6 +319,8 @@ class WorkerMesh:
                 core.counters.mesh_envelopes_sent += 1
             return
         if not keep and self.loop.time() - self.outbox_since > QOS0_PATIENCE_S:
+            # (outbox_since moves on whenever the outbox drains a little: only a peer that
+            # stopped reading altogether costs QoS 0 messages, a slow one slows the publishers)
             if core is not None:
                 core.counters.mesh_dropped_qos0 += 1
             return
@@ -324,6 +334,7 @@ class WorkerMesh:
             except zmq.Again:
                 return
             outbox.popleft()
+            self.outbox_since = self.loop.time()  # progress: the peers are reading
         self._resume()
 
     def _pause(self) -> None:
@@ -402,6 +413,16 @@ class WorkerMesh:
             return
         sub = self.sub
         now = self.loop.time()
+        if core.writers_paused:
+            # Some clients' sockets are full: hold the mesh back for a moment, so that the
+            # backpressure reaches the publishing worker (its outbox fills and it reads its
+            # publishers slower) instead of this worker dropping QoS 0 for its subscribers. A
+            # client that stays stuck costs the others at most MESH_HOLD_S per hold.
+            if not self.hold_since:
+                self.hold_since = now
+            if now - self.hold_since < MESH_HOLD_S:
+                return
+        self.hold_since = 0.0
         budget = RECV_ITEMS
         while budget > 0:
             try:

@@ -100,6 +100,8 @@ class Worker:
         while self.core.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         log.info("worker %d: drained (%d connection(s) left)", self.worker_index, len(self.core.connections))
+        nonzero = {k: v for k, v in self.core.counters.snapshot().items() if v}
+        log.info("worker %d: counters %s", self.worker_index, nonzero)
 
 
 def worker_process(config: Config, index: int, ipc_dir: str) -> None:

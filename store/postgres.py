@@ -7,6 +7,9 @@ cluster every node must see the same queue, handed out to one node at a time. ps
 Must not: be imported by anything but `store.backend` and tests (psycopg loads only when a
 PostgreSQL store is configured); put a password into a message or a log line; set a
 per-connection sequence cache (see the migration: it would break FIFO across pool connections).
+Connecting (the first connection, the pool, each connection's settings) and turning driver
+errors into store errors live in `store/postgres_connection.py`; this module is the schema
+and the SQL.
 
 Invariants and decisions:
 - `open` first connects once without the pool, so that a wrong URL, bad credentials or a missing
@@ -23,8 +26,9 @@ Invariants and decisions:
 - `fetch_queue`: SELECT ... ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED, hiding those rows
   until now + visibility_s in the same statement, then deleting the expired ones among them,
   in one transaction: two nodes fetching at once never get the same row.
-- Every store connection pins index plans (`_configure`): the queue's statistics are always
-  stale, and a plan that scans all of a client's rows per fetch makes a drain quadratic.
+- Every store connection pins index plans (`postgres_connection.configure`): the queue's
+  statistics are always stale, and a plan that scans all of a client's rows per fetch makes a
+  drain quadratic.
 - Arrays sent as parameters are cast (`%s::int8[]`): psycopg types a list of small ints as
   int2[], which no index on a bigint column serves.
 - Errors: connection loss, a refused connection, pool timeouts, deadlocks and the like
@@ -35,7 +39,6 @@ Invariants and decisions:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from operator import attrgetter
@@ -43,11 +46,19 @@ from typing import Any, Final
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from store.errors import StoreConfigError, StoreError, StoreRecordError, StoreUnavailable
+from store.errors import StoreConfigError, StoreError, StoreRecordError
 from store.migrate import load_migrations, pending_migrations
+from store.postgres_connection import (
+    Conn,
+    connect_kwargs,
+    connect_once,
+    describe,
+    one_line,
+    open_pool,
+    store_error,
+)
 from store.records import (
     Ack,
     ClearRetained,
@@ -69,28 +80,8 @@ WRITE_WAIT_S = 0.5  # how long a batch waits for a pooled connection before "una
 
 __all__ = ["PostgresBackend"]
 
-_Conn = psycopg.Connection[tuple[Any, ...]]
 # Rows come back from the driver as tuples of Any; the private converters below give them types.
 _Row = tuple[Any, ...]
-
-_APPLICATION_NAME: Final = "meshmq-store"
-# Substrings of libpq's connection errors that retrying cannot fix (it reports no SQLSTATE there).
-_CONFIG_ERRORS: Final = (
-    "password authentication failed",
-    "no password supplied",
-    "no pg_hba.conf entry",
-    "does not exist",  # database or role
-    "permission denied",
-    "authentication method",
-    "invalid connection option",
-    "invalid port number",
-    "invalid integer value",
-    "invalid sslmode",
-    "server does not support ssl",
-)
-_PREFIX: Final = re.compile(
-    r'^(connection failed: )?(connection to server at "[^"]*"(?: \([^)]*\))?, port \d+ failed: )?'
-)
 
 _QUEUE_COPY: Final = (
     "COPY queue (client_id, msg_id, qos, retain, sub_ids, topic, payload, props, origin, expires_at) "
@@ -177,74 +168,38 @@ class PostgresBackend:
         self._schema = schema
         self._pool_size = pool_size
         self._timeout_s = connect_timeout_s
-        self._kwargs: dict[str, Any] = {
-            "application_name": _APPLICATION_NAME,
-            "connect_timeout": max(1, round(connect_timeout_s)),
-        }
-        if user:
-            self._kwargs["user"] = user
-        if password:
-            self._kwargs["password"] = password
+        self._kwargs = connect_kwargs(user, password, connect_timeout_s)
         self._where = "PostgreSQL (URL not parsed yet)"
-        self._pool: ConnectionPool[_Conn] | None = None
+        self._pool: ConnectionPool[Conn] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def open(self) -> None:
         if self._pool is not None:
             return
-        try:
-            info = conninfo_to_dict(self._url)
-        except psycopg.ProgrammingError as e:
-            raise StoreConfigError(f"the PostgreSQL URL is not valid: {_one_line(str(e))}") from None
-        self._where = _describe(info, self._kwargs.get("user"))
-        conn = self._connect_once()
+        self._where = describe(self._url, self._kwargs.get("user"))
+        conn = connect_once(self._url, self._kwargs, self._where)
         try:
             self._prepare_schema(conn)
         except psycopg.Error as e:
-            raise self._error("preparing the schema", e) from None
+            raise store_error(self._where, "preparing the schema", e, self._timeout_s) from None
         finally:
             conn.close()
-        pool: ConnectionPool[_Conn] = ConnectionPool(
+        self._pool = open_pool(
             self._url,
-            kwargs=self._kwargs,
-            min_size=1,
-            max_size=self._pool_size,
-            open=False,
-            configure=self._configure,
-            check=ConnectionPool.check_connection,
-            timeout=self._timeout_s,
-            name="meshmq-store",
+            self._kwargs,
+            schema=self._schema,
+            size=self._pool_size,
+            timeout_s=self._timeout_s,
+            where=self._where,
         )
-        try:
-            pool.open(wait=True, timeout=self._timeout_s)
-        except PoolTimeout:
-            pool.close()
-            raise StoreUnavailable(
-                f"{self._where}: the connection pool could not connect; will retry"
-            ) from None
-        self._pool = pool
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
 
-    def _connect_once(self) -> _Conn:
-        try:
-            return psycopg.connect(self._url, autocommit=True, **self._kwargs)
-        except psycopg.OperationalError as e:
-            detail = _one_line(_PREFIX.sub("", str(e)))
-            if any(marker in detail for marker in _CONFIG_ERRORS):
-                raise StoreConfigError(
-                    f"{self._where}: cannot log in or no such database ({detail}); "
-                    "check the store URL, user and password"
-                ) from None
-            raise StoreUnavailable(f"{self._where}: unreachable ({detail}); will retry") from None
-        except psycopg.Error as e:
-            raise StoreConfigError(f"{self._where}: cannot connect ({_one_line(str(e))})") from None
-
-    def _prepare_schema(self, conn: _Conn) -> None:
+    def _prepare_schema(self, conn: Conn) -> None:
         schema = sql.Identifier(self._schema)
         lock_key = f"meshmq.migrate.{self._schema}"
         conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock_key,))
@@ -273,22 +228,11 @@ class PostgresBackend:
                         raise  # connection lost: StoreUnavailable from open()
                     raise StoreError(
                         f"{self._where}: migration {migration.version:03d}_{migration.name} failed and was "
-                        f"rolled back ({type(e).__name__}: {_one_line(str(e))})"
+                        f"rolled back ({type(e).__name__}: {one_line(str(e))})"
                     ) from None
         finally:
             with suppress(psycopg.Error):  # a lost connection has released the lock already
                 conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key,))
-
-    def _configure(self, conn: _Conn) -> None:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
-        # The queue's statistics are always stale (it fills and drains in seconds). With a low row
-        # estimate the planner picks a bitmap or sequential scan plus a sort of ALL of a client's
-        # rows for every fetch (and a hash join over the whole queue for an Ack), which makes
-        # draining a backlog quadratic. Every store query is served best by a btree index (the
-        # fetch by (client_id, seq) in order, Ack by (client_id, msg_id)), so the plans are pinned.
-        conn.execute("SET enable_bitmapscan = off")
-        conn.execute("SET enable_seqscan = off")
-        conn.commit()
 
     def schema_version(self) -> int:
         with self._connection("reading the schema version") as conn:
@@ -383,7 +327,7 @@ class PostgresBackend:
     # --- plumbing -----------------------------------------------------------------------------------
 
     @contextmanager
-    def _connection(self, doing: str, wait_s: float | None = None) -> Iterator[_Conn]:
+    def _connection(self, doing: str, wait_s: float | None = None) -> Iterator[Conn]:
         """A pooled connection; `wait_s` bounds the wait for one (the pool's timeout otherwise).
 
         Writes wait briefly: while the server is down the store process must keep its loop
@@ -396,22 +340,10 @@ class PostgresBackend:
             with pool.connection(timeout=wait_s) as conn:
                 yield conn
         except psycopg.Error as e:
-            raise self._error(doing, e) from None
-
-    def _error(self, doing: str, e: psycopg.Error) -> StoreError:
-        detail = _one_line(str(e))
-        if isinstance(e, PoolTimeout):
-            return StoreUnavailable(
-                f"{self._where}: no connection for {doing} within {self._timeout_s:g} s ({detail}); will retry"
-            )
-        if isinstance(e, psycopg.OperationalError):
-            return StoreUnavailable(f"{self._where}: {doing} failed ({detail}); rolled back, will retry")
-        if isinstance(e, psycopg.DataError | psycopg.IntegrityError):
-            return StoreRecordError(f"{self._where}: {doing} failed, the server rejected the data ({detail})")
-        return StoreError(f"{self._where}: {doing} failed ({type(e).__name__}: {detail})")
+            raise store_error(self._where, doing, e, self._timeout_s) from None
 
 
-def _write(conn: _Conn, cur: psycopg.Cursor[_Row], ops: Sequence[WriteOp]) -> None:
+def _write(conn: Conn, cur: psycopg.Cursor[_Row], ops: Sequence[WriteOp]) -> None:
     """The ops in order: runs of Enqueue as one COPY, runs of Ack as one DELETE, the rest pipelined."""
     i, n = 0, len(ops)
     while i < n:
@@ -487,21 +419,9 @@ def _execute_other(cur: psycopg.Cursor[_Row], op: WriteOp) -> None:
         raise StoreError(f"unexpected write op {type(op).__name__}")
 
 
-def _version(conn: _Conn) -> int:
+def _version(conn: Conn) -> int:
     row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
     return 0 if row is None else int(row[0])
-
-
-def _describe(info: dict[str, Any], user: object) -> str:
-    host = info.get("host") or "the local socket"
-    port = info.get("port") or "5432"
-    dbname = info.get("dbname") or "(default)"
-    who = user or info.get("user") or "(default)"
-    return f"PostgreSQL at {host}:{port} (database {dbname}, user {who})"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _queued(client_id: str, row: _Row) -> QueuedRecord:

@@ -72,7 +72,7 @@ class MqttStreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.conn is not None:
-            self.conn.write_paused = True
+            self.core.write_paused(self.conn)
 
     def resume_writing(self) -> None:
         if self.conn is not None:

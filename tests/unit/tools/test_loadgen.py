@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench, procstat
+from tools import bench, bench_brokers, procstat
 from tools.loadgen import __main__ as loadgen_cli
 from tools.loadgen import clients, wire
 from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario, stages_for
@@ -317,7 +317,7 @@ def test_free_port_base_gives_consecutive_free_ports(monkeypatch: pytest.MonkeyP
         # Candidates: one whose run holds the busy port, one that is `avoid`, then a good one.
         good = bench.free_port()
         offers = iter([busy - 1, 40_000, good])
-        monkeypatch.setattr(bench, "free_port", lambda: next(offers))
+        monkeypatch.setattr(bench_brokers, "free_port", lambda: next(offers))  # where free_port_base looks
         assert bench.free_port_base(2, avoid=40_000) == good - 1
 
 
