@@ -125,7 +125,9 @@ class MeshConfig:
     ipc_dir: str = (
         ""  # Mesh.IpcDir; "" = $XDG_RUNTIME_DIR/meshmq-<NodeName>, else /tmp/meshmq-<uid>-<NodeName>
     )
-    send_hwm: int = 1000  # Mesh.SendHwm, envelopes (of at most 64 messages) queued per peer before backpressure
+    send_hwm: int = (
+        1000  # Mesh.SendHwm, envelopes (of at most 64 messages) queued per peer before backpressure
+    )
     recv_hwm: int = 1000  # Mesh.RecvHwm
     heartbeat_ms: int = 1000  # Mesh.HeartbeatMs, worker -> relay
     handoff_timeout_ms: int = 3000  # Mesh.HandoffTimeoutMs, waiting for a session from another worker

@@ -28,14 +28,13 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zmq
 
 from broker.config import Config
 from broker.mesh_codec import item_to_message, message_to_item
+from broker.mesh_control import CH_SYNC, Barrier, Claim, ControlPlane, _events, _fd, _worker_of
 from broker.messages import Message
 from broker.protocol.topics import literal_prefix
 from broker.session import SubEntry
@@ -54,28 +53,9 @@ RECV_ITEMS = 2048  # messages from the mesh handled per turn of the event loop b
 MESH_HOLD_S = 0.1  # longest the mesh input waits for clients whose sockets are full
 QOS0_PATIENCE_S = 1.0  # how long an outbox may make no progress before QoS 0 envelopes are dropped
 TIMER_S = 0.05
-CH_SYNC = b"\x00Y"  # upstream barrier marker (a subscription), see PROTOCOL.md, barriers
-BARRIER_RESEND_S = 0.1  # the downstream marker again, for peers whose SUB was not linked yet
 
 
-@dataclass(slots=True)
-class _Claim:
-    client_id: str
-    clean_start: bool
-    done: Callable[[int, SessionWire | None, float], None]
-    deadline: float
-    epoch: int = -1  # set when the relay answered and a hand-off is awaited
-
-
-@dataclass(slots=True)
-class _Barrier:
-    token: bytes
-    done: Callable[[float], None]
-    deadline: float
-    sent_at: float
-
-
-class WorkerMesh:
+class WorkerMesh(ControlPlane):
     def __init__(self, config: Config, index: int, ipc_dir: str, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.index = index
@@ -117,10 +97,10 @@ class WorkerMesh:
         self.outbox_since = 0.0  # when the outbox started to fill or last made progress
         self.paused = False
         self.req_id = 0
-        self.claims: dict[int, _Claim] = {}
-        self.awaiting_handoff: dict[str, _Claim] = {}
+        self.claims: dict[int, Claim] = {}
+        self.awaiting_handoff: dict[str, Claim] = {}
         self.early_handoffs: dict[tuple[str, int], SessionWire | None] = {}
-        self.barriers: dict[int, _Barrier] = {}
+        self.barriers: dict[int, Barrier] = {}
         self.sync_seen: dict[bytes, int] = {}  # token -> 1 (subscription seen) | 2 (envelope seen)
         self.snapshot: asyncio.Future[None] | None = None
         self.buffered: list[tuple[bytes, env.DataMessage]] = []
@@ -211,29 +191,10 @@ class WorkerMesh:
         )
         self._send(env.inbox(worker), data, qos > 0)
 
-    def claim(
-        self,
-        client_id: str,
-        clean_start: bool,
-        now: float,
-        done: Callable[[int, SessionWire | None, float], None],
-    ) -> None:
-        if self.peers == 0:
-            # The only worker of the node holds every client id: no registry round trip.
-            self.local_epoch += 1
-            done(self.local_epoch, None, now)
-            return
-        req = self._control("claim", client_id, clean_start)
-        self.claims[req] = _Claim(client_id, clean_start, done, now + self.handoff_timeout_s)
-
     def handoff(self, worker: int, client_id: str, epoch: int, state: SessionWire | None) -> None:
         self._send(
             env.inbox(worker), env.pack_handoff(self.origin, self._seq(), client_id, epoch, state), True
         )
-
-    def session_ended(self, client_id: str, epoch: int) -> None:
-        if self.peers:
-            self._control("unregister", client_id, epoch)
 
     def interest(self, topic_filter: str, delta: int) -> bool:
         prefix = literal_prefix(topic_filter)
@@ -261,18 +222,6 @@ class WorkerMesh:
             entry.subscription_id,
         )
         self._send(CH_SHARED, data, True)
-
-    def barrier(self, now: float, done: Callable[[float], None]) -> None:
-        if self.peers == 0:
-            done(now)
-            return
-        token = f"{self.index}.{self._seq()}".encode()
-        # Upstream: a subscription behind every earlier one on our SUB; downstream: an envelope
-        # behind every earlier one on our XPUB. A peer reports once it has seen both.
-        self.sub.subscribe(CH_SYNC + token)
-        self._send(CH_SHARED, env.pack_sync(self.origin, self._seq(), token), True)
-        req = self._control("sync", token.decode())
-        self.barriers[req] = _Barrier(token, done, now + self.handoff_timeout_s, now)
 
     def flush(self) -> None:
         if self.batches:
@@ -349,11 +298,6 @@ class WorkerMesh:
             log.info("worker %d: mesh drained; resuming MQTT reads", self.index)
             self.core.pause_reading(False)
 
-    def _control(self, kind: str, *body: object) -> int:
-        self.req_id += 1
-        self.dealer.send(env.pack_control(kind, self.req_id, *body), zmq.NOBLOCK)
-        return self.req_id
-
     # -- interest in a topic from other processes ------------------------------------------------
 
     def _interested(self, topic: str) -> bool:
@@ -390,14 +334,6 @@ class WorkerMesh:
         if self.outbox:
             self._drain_outbox()
         self._kick()
-
-    def _sync_seen(self, token: bytes, flag: int) -> None:
-        seen = self.sync_seen.get(token, 0) | flag
-        if seen == 3:
-            self.sync_seen.pop(token, None)
-            self._control("seen", token.decode(), self.index)
-        else:
-            self.sync_seen[token] = seen
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -499,99 +435,6 @@ class WorkerMesh:
         )
         core.apply_shared_update(entry, message.op == "+")
 
-    def _on_dealer(self) -> None:
-        core = self.core
-        if core is None:
-            return
-        dealer = self.dealer
-        now = self.loop.time()
-        while _events(dealer) & zmq.POLLIN:
-            frame = dealer.recv(zmq.NOBLOCK)
-            try:
-                control = env.unpack_control(frame)
-            except EnvelopeError as exc:
-                log.warning("worker %d: bad control frame dropped: %s", self.index, exc)
-                continue
-            try:
-                self._on_control(control, now)
-            except Exception:
-                log.exception("worker %d: control %r failed", self.index, control.kind)
-        core.flush()
-        self._kick()
-
-    def _on_control(self, control: env.Control, now: float) -> None:
-        core = self.core
-        assert core is not None
-        kind, body = control.kind, control.body
-        if kind == "claimed":
-            client_id, epoch, previous = body
-            claim = self.claims.pop(control.req_id, None)
-            if claim is None:
-                return
-            assert isinstance(epoch, int)
-            if previous is None or previous == self.index:
-                claim.done(epoch, None, now)
-                return
-            key = (claim.client_id, epoch)
-            if key in self.early_handoffs:
-                claim.done(epoch, self.early_handoffs.pop(key), now)
-                return
-            claim.epoch = epoch
-            claim.deadline = now + self.handoff_timeout_s
-            self.awaiting_handoff[claim.client_id] = claim
-        elif kind == "release":
-            client_id, epoch, new_index, clean_start = body
-            assert isinstance(client_id, str) and isinstance(epoch, int) and isinstance(new_index, int)
-            core.release(client_id, epoch, new_index, bool(clean_start), now)
-        elif kind == "synced":
-            barrier = self.barriers.pop(control.req_id, None)
-            if barrier is not None:
-                self._finish_barrier(barrier, now)
-        elif kind == "snap":
-            marks, retained, shared = body
-            self._apply_snapshot(marks, retained, shared, now)
-        elif kind == "dead":
-            (worker,) = body
-            assert isinstance(worker, int)
-            core.forget_worker(worker)
-
-    def _finish_barrier(self, barrier: _Barrier, now: float) -> None:
-        self.sub.unsubscribe(CH_SYNC + barrier.token)
-        barrier.done(now)
-
-    def _handoff_arrived(self, client_id: str, epoch: int, state: SessionWire | None, now: float) -> None:
-        claim = self.awaiting_handoff.get(client_id)
-        if claim is not None and claim.epoch == epoch:
-            del self.awaiting_handoff[client_id]
-            claim.done(epoch, state, now)
-        elif claim is None or claim.epoch < epoch:
-            # The relay's answer has not come yet: keep it for the claim (bounded).
-            if len(self.early_handoffs) > 10_000:
-                self.early_handoffs.clear()
-            self.early_handoffs[(client_id, epoch)] = state
-        # else: a hand-off for an older epoch: the race was lost, ignore it
-
-    def _apply_snapshot(self, marks: object, retained: object, shared: object, now: float) -> None:
-        core = self.core
-        assert core is not None
-        assert isinstance(marks, dict) and isinstance(retained, tuple) and isinstance(shared, tuple)
-        for topic, item in retained:
-            core.apply_remote_retained(item_to_message(topic, item, now), now, route=False)
-        for body in shared:
-            self._apply_shared(env.SharedUpdate(*body))
-        self._apply_buffered(marks)
-
-    def _apply_buffered(self, marks: dict[object, object]) -> None:
-        buffered, self.buffered = self.buffered, []
-        if self.snapshot is not None and not self.snapshot.done():
-            self.snapshot.set_result(None)
-        now = self.loop.time()
-        for channel, message in buffered:
-            mark = marks.get(message.origin, -1)
-            if isinstance(mark, int) and message.seq <= mark:
-                continue
-            self._dispatch(channel, message, now)
-
     # -- timers ------------------------------------------------------------------------------------
 
     def _on_timer(self) -> None:
@@ -601,32 +444,7 @@ class WorkerMesh:
             if now >= self._next_hb:
                 self._next_hb = now + self.config.mesh.heartbeat_ms / 1000
                 self._control("hb", self.index, self.incarnation)
-            for client_id, claim in list(self.awaiting_handoff.items()):
-                if now >= claim.deadline:
-                    del self.awaiting_handoff[client_id]
-                    log.warning(
-                        "worker %d: no hand-off of %r within %.1fs; starting a new session",
-                        self.index,
-                        client_id,
-                        self.handoff_timeout_s,
-                    )
-                    claim.done(claim.epoch, None, now)
-            for req, claim in list(self.claims.items()):
-                if now >= claim.deadline + self.handoff_timeout_s:
-                    del self.claims[req]
-                    log.error(
-                        "worker %d: the relay did not answer the claim of %r", self.index, claim.client_id
-                    )
-                    claim.done(0, None, now)
-            for req, barrier in list(self.barriers.items()):
-                if now - barrier.sent_at >= BARRIER_RESEND_S:
-                    # A peer whose SUB was not yet subscribed to us missed the marker: again.
-                    barrier.sent_at = now
-                    self._send(CH_SHARED, env.pack_sync(self.origin, self._seq(), barrier.token), True)
-                if now >= barrier.deadline:
-                    del self.barriers[req]
-                    log.warning("worker %d: subscription barrier timed out", self.index)
-                    self._finish_barrier(barrier, now)
+            self._control_timers(now)
             if self.outbox:
                 self._drain_outbox()
             if core is not None:
@@ -653,17 +471,3 @@ class WorkerMesh:
         self._on_dealer()
         self._on_pub()
         self._on_sub()
-
-
-def _fd(sock: zmq.Socket[bytes]) -> int:
-    return int(sock.getsockopt(zmq.FD))
-
-
-def _events(sock: zmq.Socket[bytes]) -> int:
-    return int(sock.getsockopt(zmq.EVENTS))
-
-
-def _worker_of(origin: str) -> int | None:
-    if origin.startswith("w") and origin[1:].isdigit():
-        return int(origin[1:])
-    return None
