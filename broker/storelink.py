@@ -115,11 +115,13 @@ class StoreLink:
             return  # closed
         self._timer = self.loop.call_later(POLL_S, self._on_timer)
 
-    async def join(self, timeout_s: float = 30.0) -> list[tuple[str, Will]]:
-        """Load the persistent subscriptions; worker 1 also collects the wills a crash left due."""
-        snapshot: asyncio.Future[env.Control] = self.loop.create_future()
-        self._request("dsnap", (), lambda c, now: snapshot.set_result(c) if not snapshot.done() else None)
-        control = await asyncio.wait_for(snapshot, timeout_s)
+    async def join(self, patience_s: float = 10.0) -> list[tuple[str, Will]]:
+        """Load the persistent subscriptions; worker 1 also collects the wills a crash left due.
+
+        The store answers once its database is open; until then the worker waits (a node must
+        not accept persistent sessions it cannot find), saying so every `patience_s`.
+        """
+        control = await self._ask("dsnap", (), patience_s)
         (entries,) = control.body
         assert isinstance(entries, tuple)
         for client_id, subs in entries:
@@ -130,11 +132,7 @@ class StoreLink:
         self.buffered = []
         if self.index != 1:
             return []
-        recovered: asyncio.Future[env.Control] = self.loop.create_future()
-        self._request(
-            "recover", (self.node,), lambda c, now: recovered.set_result(c) if not recovered.done() else None
-        )
-        control = await asyncio.wait_for(recovered, timeout_s)
+        control = await self._ask("recover", (self.node,), patience_s)
         (wills,) = control.body
         assert isinstance(wills, tuple)
         out = []
@@ -142,6 +140,21 @@ class StoreLink:
             w = wire.will_from_wire(will_wire)
             out.append((str(client_id), Will(w.topic, w.payload, w.qos, w.retain, unpack_props(w.props))))
         return out
+
+    async def _ask(self, kind: str, body: tuple[object, ...], patience_s: float) -> env.Control:
+        answer: asyncio.Future[env.Control] = self.loop.create_future()
+        self._request(kind, body, lambda c, now: None if answer.done() else answer.set_result(c))
+        waited_s = 0.0
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(answer), patience_s)
+            except TimeoutError:
+                waited_s += patience_s
+                log.warning(
+                    "worker %d: waiting for the store (%.0fs so far; is the database up?)",
+                    self.index,
+                    waited_s,
+                )
 
     def close(self) -> None:
         if self._timer is not None:

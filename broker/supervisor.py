@@ -44,6 +44,7 @@ log = logging.getLogger("broker.supervisor")
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
+EXIT_CONFIG = 3  # a child's exit status for "this configuration cannot work" (no restart)
 
 
 @dataclass(slots=True)
@@ -103,6 +104,7 @@ class Supervisor:
         for index in range(1, config.worker_count + 1):
             self.children.append(_Child(f"worker {index}", worker_process, (config, index, self.ipc_dir)))
         self.stopping = False
+        self.exit_status = 0
 
     def _start(self, child: _Child) -> None:
         process = self.ctx.Process(
@@ -137,6 +139,12 @@ class Supervisor:
         child.process = None
         if self.stopping:
             return
+        if code == EXIT_CONFIG:
+            # A wrong database URL or credentials: restarting cannot help. Stop the node.
+            log.error("%s cannot start with this configuration (see above); stopping the node", child.name)
+            self.exit_status = EXIT_CONFIG
+            self.stopping = True
+            return
         if now - child.started_at > HEALTHY_AFTER_S:
             child.backoff_s = BACKOFF_START_S
         log.error(
@@ -167,7 +175,7 @@ class Supervisor:
                         child.process.join(1)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
         log.info("node %r stopped", self.config.node_name)
-        return 0
+        return self.exit_status
 
 
 def check_port(config: Config) -> str | None:

@@ -50,6 +50,7 @@ from store.writer import GroupCommit
 log = logging.getLogger("store.service")
 
 CH_DURABLE = b"\x00D"
+EXIT_CONFIG = 3  # the supervisor stops the node instead of restarting the store
 NEVER_EXPIRES_S = 0xFFFFFFFF
 SWEEP_S = 1.0
 LOAD_LIMIT = 1_000_000
@@ -343,7 +344,7 @@ def run(settings: StoreSettings) -> None:
             break
         except StoreConfigError as exc:
             log.error("%s", exc)
-            raise SystemExit(3) from None
+            raise SystemExit(EXIT_CONFIG) from None
         except StoreUnavailable as exc:
             log.error("database unavailable (%s); retrying in %.1fs", exc, delay_s)
             time.sleep(delay_s)
