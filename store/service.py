@@ -124,7 +124,9 @@ class StoreService:
             timeout_ms = 200
             if self.writer.pending:
                 # while degraded, wake often enough to refuse what waited too long in time
-                timeout_ms = 0 if self.writer.due(now) else min(max(int((self.writer.retry_at - now) * 1000), 1), 100)
+                timeout_ms = (
+                    0 if self.writer.due(now) else min(max(int((self.writer.retry_at - now) * 1000), 1), 100)
+                )
             ready = dict(poller.poll(timeout=timeout_ms))
             if self.pub in ready:
                 while self.pub.poll(0):

@@ -100,8 +100,9 @@ class BrokerProcess:
             path.write_text(yaml.safe_dump(cfg))
             cmd = [*_meshmq_command(), "-config", str(path), *self.args]
         logf = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+        )
         logf.close()
         wait_listening(self.host, self.port, self.proc)
         return self

@@ -155,58 +155,78 @@ class TestClient:
 
     # -- paho callbacks (network thread) -------------------------------------------------
 
-    def _on_connect(self, _c: mqtt.Client, _u: Any, flags: ConnectFlags, reason: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_connect(
+        self, _c: mqtt.Client, _u: Any, flags: ConnectFlags, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         code = int(reason.value)
         if self.version == 4:
             code = _V5_TO_V311_CONNACK.get(code, code)
-        self._connack = ConnectResult(code, bool(flags.session_present),
-                                      properties or _empty(PacketTypes.CONNACK))
+        self._connack = ConnectResult(
+            code, bool(flags.session_present), properties or _empty(PacketTypes.CONNACK)
+        )
         self._connected.set()
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, flags: DisconnectFlags,
-                       reason: ReasonCode, _properties: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        _c: mqtt.Client,
+        _u: Any,
+        flags: DisconnectFlags,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
         if flags.is_disconnect_packet_from_server:
             self._server_disconnect_reason = int(reason.value)
         self._disconnected.set()
         self._connected.set()  # wake a connect() that waits for a CONNACK that will not come
 
     def _on_message(self, _c: mqtt.Client, _u: Any, m: mqtt.MQTTMessage) -> None:
-        self.messages.put(Message(
-            topic=m.topic, payload=bytes(m.payload), qos=m.qos, retain=bool(m.retain),
-            dup=bool(m.dup), mid=m.mid, properties=getattr(m, "properties", None),
-        ))
+        self.messages.put(
+            Message(
+                topic=m.topic,
+                payload=bytes(m.payload),
+                qos=m.qos,
+                retain=bool(m.retain),
+                dup=bool(m.dup),
+                mid=m.mid,
+                properties=getattr(m, "properties", None),
+            )
+        )
 
     def _record(self, kind: str, mid: int, value: Any) -> None:
         with self._lock:
             self._acks[mid] = (kind, value)
             self._lock.notify_all()
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode,
-                    _p: Properties | None) -> None:
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Properties | None
+    ) -> None:
         self._record("publish", mid, int(reason.value))
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[ReasonCode],
-                      _p: Properties | None) -> None:
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[ReasonCode], _p: Properties | None
+    ) -> None:
         self._record("subscribe", mid, [int(r.value) for r in reasons])
 
-    def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[ReasonCode],
-                        _p: Properties | None) -> None:
+    def _on_unsubscribe(
+        self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[ReasonCode], _p: Properties | None
+    ) -> None:
         self._record("unsubscribe", mid, [int(r.value) for r in reasons])
 
     def _wait_ack(self, kind: str, mid: int, timeout_s: float) -> Any:
         with self._lock:
-            ok = self._lock.wait_for(lambda: mid in self._acks or self._disconnected.is_set(),
-                                     timeout_s)
+            ok = self._lock.wait_for(lambda: mid in self._acks or self._disconnected.is_set(), timeout_s)
             if mid in self._acks:
                 got_kind, value = self._acks.pop(mid)
                 assert got_kind == kind, f"ack for mid {mid} was {got_kind}, expected {kind}"
                 return value
         if not ok:
-            raise AssertionError(f"{self.client_id or 'client'}: no {kind} ack for mid {mid} "
-                                 f"within {timeout_s}s")
-        raise AssertionError(f"{self.client_id or 'client'}: disconnected while waiting for "
-                             f"{kind} ack (server reason {self._server_disconnect_reason})")
+            raise AssertionError(
+                f"{self.client_id or 'client'}: no {kind} ack for mid {mid} within {timeout_s}s"
+            )
+        raise AssertionError(
+            f"{self.client_id or 'client'}: disconnected while waiting for "
+            f"{kind} ack (server reason {self._server_disconnect_reason})"
+        )
 
     # -- connection ----------------------------------------------------------------------
 
@@ -222,8 +242,10 @@ class TestClient:
         if not self._connected.wait(timeout_s):
             raise AssertionError(f"{self.client_id or 'client'}: no CONNACK within {timeout_s}s")
         if self._connack is None:
-            raise ConnectionError(f"{self.client_id or 'client'}: connection closed before "
-                                  f"CONNACK (server reason {self._server_disconnect_reason})")
+            raise ConnectionError(
+                f"{self.client_id or 'client'}: connection closed before "
+                f"CONNACK (server reason {self._server_disconnect_reason})"
+            )
         return self._connack
 
     @property
@@ -232,8 +254,9 @@ class TestClient:
         assert self._connack is not None, "not connected"
         return self._connack
 
-    def disconnect(self, reason_code: int = 0, properties: dict[str, Any] | None = None,
-                   timeout_s: float = 5) -> None:
+    def disconnect(
+        self, reason_code: int = 0, properties: dict[str, Any] | None = None, timeout_s: float = 5
+    ) -> None:
         """Send DISCONNECT (v5: with `reason_code`) and wait until the socket is closed."""
         rc = ReasonCode(PacketTypes.DISCONNECT, identifier=reason_code) if self.version == 5 else None
         self._client.disconnect(rc, make_properties(PacketTypes.DISCONNECT, properties))
@@ -293,9 +316,14 @@ class TestClient:
 
     # -- operations ----------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str | list[tuple[str, int]], qos: int = 0,
-                  options: dict[str, Any] | None = None, properties: dict[str, Any] | None = None,
-                  timeout_s: float = 5) -> list[int]:
+    def subscribe(
+        self,
+        topic_filter: str | list[tuple[str, int]],
+        qos: int = 0,
+        options: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+        timeout_s: float = 5,
+    ) -> list[int]:
         """SUBSCRIBE and return the SUBACK reason codes (granted QoS or >= 0x80).
 
         `options` (v5): {"no_local": bool, "retain_as_published": bool, "retain_handling": 0..2}.
@@ -310,9 +338,12 @@ class TestClient:
             rc, mid = self._client.subscribe(items, properties=props)
         elif self.version == 5:
             o = options or {}
-            so = SubscribeOptions(qos=qos, noLocal=o.get("no_local", False),
-                                  retainAsPublished=o.get("retain_as_published", False),
-                                  retainHandling=o.get("retain_handling", 0))
+            so = SubscribeOptions(
+                qos=qos,
+                noLocal=o.get("no_local", False),
+                retainAsPublished=o.get("retain_as_published", False),
+                retainHandling=o.get("retain_handling", 0),
+            )
             rc, mid = self._client.subscribe(topic_filter, options=so, properties=props)
         else:
             rc, mid = self._client.subscribe(topic_filter, qos)
@@ -321,37 +352,47 @@ class TestClient:
         codes: list[int] = self._wait_ack("subscribe", mid, timeout_s)
         return codes
 
-    def unsubscribe(self, topic_filter: str | list[str], properties: dict[str, Any] | None = None,
-                    timeout_s: float = 5) -> list[int]:
+    def unsubscribe(
+        self, topic_filter: str | list[str], properties: dict[str, Any] | None = None, timeout_s: float = 5
+    ) -> list[int]:
         """UNSUBSCRIBE and wait for UNSUBACK; its v5 reason codes (empty list for 3.1.1)."""
         rc, mid = self._client.unsubscribe(
-            topic_filter, properties=make_properties(PacketTypes.UNSUBSCRIBE, properties))
+            topic_filter, properties=make_properties(PacketTypes.UNSUBSCRIBE, properties)
+        )
         assert rc == mqtt.MQTT_ERR_SUCCESS, f"unsubscribe not sent: {rc}"
         assert mid is not None
         codes: list[int] = self._wait_ack("unsubscribe", mid, timeout_s)
         return codes
 
-    def publish(self, topic: str, payload: bytes | str = b"", qos: int = 0, retain: bool = False,
-                properties: dict[str, Any] | None = None, timeout_s: float = 5) -> int:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        qos: int = 0,
+        retain: bool = False,
+        properties: dict[str, Any] | None = None,
+        timeout_s: float = 5,
+    ) -> int:
         """PUBLISH; waits until written (QoS 0) or PUBACK / PUBCOMP (QoS 1 / 2).
 
         Returns the v5 PUBACK/PUBREC reason code (0 for QoS 0 and for 3.1.1). Note a v5 broker
         may answer 0x10 "no matching subscribers" where 0x00 would also be right.
         """
-        info = self._client.publish(topic, payload, qos, retain,
-                                    make_properties(PacketTypes.PUBLISH, properties))
+        info = self._client.publish(
+            topic, payload, qos, retain, make_properties(PacketTypes.PUBLISH, properties)
+        )
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, f"publish not sent: {info.rc}"
         code: int = self._wait_ack("publish", info.mid, timeout_s)
         return code
 
-    def publish_many(self, topic: str, payloads: list[bytes], qos: int = 0,
-                     timeout_s: float = 5) -> list[int]:
+    def publish_many(
+        self, topic: str, payloads: list[bytes], qos: int = 0, timeout_s: float = 5
+    ) -> list[int]:
         """Send all PUBLISHes back to back (several in flight), then wait for every ack."""
         infos = [self._client.publish(topic, payload, qos) for payload in payloads]
         assert all(i.rc == mqtt.MQTT_ERR_SUCCESS for i in infos), "publish not sent"
         deadline = time.monotonic() + timeout_s
-        return [self._wait_ack("publish", i.mid, max(0.0, deadline - time.monotonic()))
-                for i in infos]
+        return [self._wait_ack("publish", i.mid, max(0.0, deadline - time.monotonic())) for i in infos]
 
     def ack(self, message: Message) -> None:
         """With manual_ack=True: send the PUBACK / PUBCOMP for a received message."""
@@ -367,7 +408,8 @@ class TestClient:
             except queue.Empty:
                 raise AssertionError(
                     f"{self.client_id or 'client'}: expected {n} message(s) within {timeout_s}s, "
-                    f"got {len(got)}: {[(m.topic, m.payload) for m in got]}") from None
+                    f"got {len(got)}: {[(m.topic, m.payload) for m in got]}"
+                ) from None
         return got
 
     def expect_one(self, timeout_s: float = 5) -> Message:
@@ -388,8 +430,10 @@ class TestClient:
             m = self.messages.get(timeout=within_s)
         except queue.Empty:
             return
-        raise AssertionError(f"{self.client_id or 'client'}: unexpected message "
-                             f"{m.topic!r} {m.payload!r} qos={m.qos} retain={m.retain}")
+        raise AssertionError(
+            f"{self.client_id or 'client'}: unexpected message "
+            f"{m.topic!r} {m.payload!r} qos={m.qos} retain={m.retain}"
+        )
 
 
 class ClientFactory:
@@ -404,8 +448,9 @@ class ClientFactory:
         self.broker = broker
         self.made: list[TestClient] = []
 
-    def __call__(self, client_id: str = "", *, connect: bool = True,
-                 broker: BrokerAddress | None = None, **kwargs: Any) -> TestClient:
+    def __call__(
+        self, client_id: str = "", *, connect: bool = True, broker: BrokerAddress | None = None, **kwargs: Any
+    ) -> TestClient:
         c = TestClient(broker or self.broker, client_id, **kwargs)
         self.made.append(c)
         if connect:
@@ -454,10 +499,16 @@ def packet(type_: int, flags: int, body: bytes) -> bytes:
     return bytes([(type_ << 4) | flags]) + varint(len(body)) + body
 
 
-def connect_packet(client_id: str = "", version: int = 5, clean_start: bool = True,
-                   keepalive_s: int = 60, session_expiry_s: int | None = None,
-                   will: tuple[str, bytes, int, bool] | None = None,
-                   protocol_name: str = "MQTT", protocol_level: int | None = None) -> bytes:
+def connect_packet(
+    client_id: str = "",
+    version: int = 5,
+    clean_start: bool = True,
+    keepalive_s: int = 60,
+    session_expiry_s: int | None = None,
+    will: tuple[str, bytes, int, bool] | None = None,
+    protocol_name: str = "MQTT",
+    protocol_level: int | None = None,
+) -> bytes:
     """CONNECT; `will` is (topic, payload, qos, retain); `protocol_level` overrides `version`."""
     flags = 0x02 if clean_start else 0
     if will is not None:
@@ -475,8 +526,15 @@ def connect_packet(client_id: str = "", version: int = 5, clean_start: bool = Tr
     return packet(CONNECT, 0, body)
 
 
-def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1,
-                   dup: bool = False, retain: bool = False, version: int = 5) -> bytes:
+def publish_packet(
+    topic: str,
+    payload: bytes,
+    qos: int = 0,
+    packet_id: int = 1,
+    dup: bool = False,
+    retain: bool = False,
+    version: int = 5,
+) -> bytes:
     flags = (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
     body = mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"")
     if version == 5:
@@ -547,19 +605,20 @@ def read_until_closed(sock: socket.socket, timeout_s: float = 5) -> list[RawPack
         except EOFError:
             return got
         except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout_s}s; got "
-                                 f"{[(p.type, p.body) for p in got]}") from None
+            raise AssertionError(
+                f"connection still open after {timeout_s}s; got {[(p.type, p.body) for p in got]}"
+            ) from None
 
 
 def publish_fields(p: RawPacket, version: int = 5) -> tuple[str, int | None, bytes]:
     """(topic, packet id or None, payload) of a raw PUBLISH."""
     assert p.type == PUBLISH, f"not a PUBLISH: type {p.type}"
     n = struct.unpack("!H", p.body[:2])[0]
-    topic = p.body[2:2 + n].decode()
+    topic = p.body[2 : 2 + n].decode()
     pos = 2 + n
     pid = None
     if (p.flags >> 1) & 0x03:
-        pid = struct.unpack("!H", p.body[pos:pos + 2])[0]
+        pid = struct.unpack("!H", p.body[pos : pos + 2])[0]
         pos += 2
     if version == 5:
         plen, shift = 0, 0

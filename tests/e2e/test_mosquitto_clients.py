@@ -47,10 +47,24 @@ class SubProcess:
     """A running mosquitto_sub whose stdout lines are read by a thread into a queue."""
 
     def __init__(self, broker: BrokerProcess, cli_version: str, *args: str) -> None:
-        cmd = ["stdbuf", "-oL", MOSQUITTO_SUB, "-h", broker.host, "-p", str(broker.port), "-V", cli_version,
-               "-d", "-F", FORMAT, "-W", "8", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        cmd = [
+            "stdbuf",
+            "-oL",
+            MOSQUITTO_SUB,
+            "-h",
+            broker.host,
+            "-p",
+            str(broker.port),
+            "-V",
+            cli_version,
+            "-d",
+            "-F",
+            FORMAT,
+            "-W",
+            "8",
+            *args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -68,8 +82,9 @@ class SubProcess:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"mosquitto_sub: no {needle!r} within {timeout_s}s; "
-                                     f"output: {self.seen}") from None
+                raise AssertionError(
+                    f"mosquitto_sub: no {needle!r} within {timeout_s}s; output: {self.seen}"
+                ) from None
             if line is None:
                 raise AssertionError(f"mosquitto_sub exited without {needle!r}: {self.seen}")
             self.seen.append(line)
@@ -106,17 +121,16 @@ def subs() -> Iterator[list[SubProcess]]:
         s.stop()
 
 
-def mosquitto_pub(broker: BrokerProcess, cli_version: str, *args: str,
-                  stdin: str | None = None) -> None:
+def mosquitto_pub(broker: BrokerProcess, cli_version: str, *args: str, stdin: str | None = None) -> None:
     cmd = [MOSQUITTO_PUB, "-h", broker.host, "-p", str(broker.port), "-V", cli_version, *args]
-    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=10,
-                          check=False)
+    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=10, check=False)
     assert done.returncode == 0, f"{cmd}: {done.returncode} {done.stdout} {done.stderr}"
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
-def test_paho_to_mosquitto_sub(broker: BrokerProcess, make: ClientFactory,
-                               subs: list[SubProcess], cli_version: str, qos: int) -> None:
+def test_paho_to_mosquitto_sub(
+    broker: BrokerProcess, make: ClientFactory, subs: list[SubProcess], cli_version: str, qos: int
+) -> None:
     """paho publishes at QoS 2; mosquitto_sub (-q qos) receives it at its subscription QoS."""
     sub = SubProcess(broker, cli_version, "-q", str(qos), "-t", "t/ms", "-C", "1")
     subs.append(sub)
@@ -127,8 +141,9 @@ def test_paho_to_mosquitto_sub(broker: BrokerProcess, make: ClientFactory,
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
-def test_mosquitto_pub_to_paho(broker: BrokerProcess, make: ClientFactory, cli_version: str,
-                               qos: int) -> None:
+def test_mosquitto_pub_to_paho(
+    broker: BrokerProcess, make: ClientFactory, cli_version: str, qos: int
+) -> None:
     """mosquitto_pub -q qos; a paho subscriber at QoS 2 receives it at that QoS."""
     sub = make("sub", version=paho_version(cli_version))
     sub.subscribe("t/mp", 2)
@@ -137,19 +152,20 @@ def test_mosquitto_pub_to_paho(broker: BrokerProcess, make: ClientFactory, cli_v
     assert (m.topic, m.payload, m.qos, m.retain) == ("t/mp", b"from cli", qos, False)
 
 
-def test_mosquitto_pub_lines_arrive_in_order(broker: BrokerProcess, make: ClientFactory,
-                                             cli_version: str) -> None:
+def test_mosquitto_pub_lines_arrive_in_order(
+    broker: BrokerProcess, make: ClientFactory, cli_version: str
+) -> None:
     """mosquitto_pub -l sends one QoS 1 message per stdin line; order is kept [MQTT-4.6.0-5]."""
     sub = make("sub", version=paho_version(cli_version))
     sub.subscribe("t/lines", 1)
     lines = [f"line {i:02d}" for i in range(20)]
-    mosquitto_pub(broker, cli_version, "-q", "1", "-t", "t/lines", "-l",
-                  stdin="\n".join(lines) + "\n")
+    mosquitto_pub(broker, cli_version, "-q", "1", "-t", "t/lines", "-l", stdin="\n".join(lines) + "\n")
     assert [m.payload.decode() for m in sub.expect(len(lines))] == lines
 
 
-def test_retained_both_ways(broker: BrokerProcess, make: ClientFactory,
-                            subs: list[SubProcess], cli_version: str) -> None:
+def test_retained_both_ways(
+    broker: BrokerProcess, make: ClientFactory, subs: list[SubProcess], cli_version: str
+) -> None:
     """mosquitto_pub -r is retained for paho; paho's retained message reaches mosquitto_sub
     with the retain flag [MQTT-3.3.1-6]."""
     version = paho_version(cli_version)
@@ -164,8 +180,9 @@ def test_retained_both_ways(broker: BrokerProcess, make: ClientFactory,
     assert sub.messages(1) == [("t/r/paho", 1, True, "paho state")]
 
 
-def test_persistent_mosquitto_sub_session(broker: BrokerProcess, make: ClientFactory,
-                                          subs: list[SubProcess], cli_version: str) -> None:
+def test_persistent_mosquitto_sub_session(
+    broker: BrokerProcess, make: ClientFactory, subs: list[SubProcess], cli_version: str
+) -> None:
     """mosquitto_sub -c -i: subscribe and leave (-E); QoS 1 messages published meanwhile are
     delivered in order when it comes back [MQTT-3.1.2-5] (3.1.1) / [MQTT-3.1.2-23] (5.0)."""
     session = ["-c", "-i", "cli-persistent", "-q", "1", "-t", "t/cp"]
@@ -175,22 +192,33 @@ def test_persistent_mosquitto_sub_session(broker: BrokerProcess, make: ClientFac
     subs.append(first)
     first.wait_subscribed()
     assert first.wait_exit() == 0
-    make("pub", version=paho_version(cli_version)).publish_many(
-        "t/cp", [b"q1", b"q2", b"q3"], qos=1)
+    make("pub", version=paho_version(cli_version)).publish_many("t/cp", [b"q1", b"q2", b"q3"], qos=1)
     back = SubProcess(broker, cli_version, *session, "-C", "3")
     subs.append(back)
     assert [m[3] for m in back.messages(3)] == ["q1", "q2", "q3"]
 
 
-def test_mosquitto_sub_will(broker: BrokerProcess, make: ClientFactory,
-                            subs: list[SubProcess], cli_version: str) -> None:
+def test_mosquitto_sub_will(
+    broker: BrokerProcess, make: ClientFactory, subs: list[SubProcess], cli_version: str
+) -> None:
     """--will-*: killing mosquitto_sub (no DISCONNECT) publishes its will [MQTT-3.1.2-8],
     retained because of --will-retain [MQTT-3.1.2-17]."""
     version = paho_version(cli_version)
     watcher = make("watch", version=version)
     watcher.subscribe("t/cw", 2)
-    sub = SubProcess(broker, cli_version, "-t", "t/nothing", "--will-topic", "t/cw",
-                     "--will-payload", "cli died", "--will-qos", "2", "--will-retain")
+    sub = SubProcess(
+        broker,
+        cli_version,
+        "-t",
+        "t/nothing",
+        "--will-topic",
+        "t/cw",
+        "--will-payload",
+        "cli died",
+        "--will-qos",
+        "2",
+        "--will-retain",
+    )
     subs.append(sub)
     sub.wait_subscribed()
     sub.stop()

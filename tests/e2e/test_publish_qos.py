@@ -91,8 +91,9 @@ def test_raw_publisher_qos2_flow(broker: BrokerProcess, version: int) -> None:
         assert (comp.type, pid_of(comp.body)) == (PUBCOMP, 77)
 
 
-def raw_subscriber(broker: BrokerProcess, client_id: str, topic: str, qos: int,
-                   version: int) -> socket.socket:
+def raw_subscriber(
+    broker: BrokerProcess, client_id: str, topic: str, qos: int, version: int
+) -> socket.socket:
     sock = raw_connect(broker, connect_packet(client_id, version=version))
     assert read_packet(sock).type == CONNACK
     sock.sendall(subscribe_packet(topic, qos, packet_id=1, version=version))
@@ -134,7 +135,8 @@ def test_raw_subscriber_qos2_flow(broker: BrokerProcess, make: ClientFactory, ve
 
 
 def test_qos2_resent_publish_before_pubrel_is_delivered_once(
-        broker: BrokerProcess, make: ClientFactory, version: int) -> None:
+    broker: BrokerProcess, make: ClientFactory, version: int
+) -> None:
     """[MQTT-4.3.3-2] (3.1.1) / [MQTT-4.3.3-10] (5.0): a PUBLISH resent with DUP and the same
     packet id before PUBREL is acknowledged with PUBREC again but not delivered again. After
     PUBCOMP the packet id is free: the same id starts a new message."""
@@ -258,8 +260,7 @@ def test_wildcards_match_per_spec(make: ClientFactory, version: int) -> None:
     sub.expect_none(0.3)
 
 
-def test_publisher_receives_its_own_message_by_default(make: ClientFactory,
-                                                      version: int) -> None:
+def test_publisher_receives_its_own_message_by_default(make: ClientFactory, version: int) -> None:
     """A publisher that subscribes receives its own message (no_local is off by default)."""
     c = make("self", version=version)
     c.subscribe("t/self", 1)

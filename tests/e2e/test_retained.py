@@ -27,8 +27,7 @@ def make(broker: BrokerProcess) -> Iterator[ClientFactory]:
         yield factory
 
 
-def test_retained_delivered_on_subscribe_with_retain_flag(make: ClientFactory,
-                                                          version: int) -> None:
+def test_retained_delivered_on_subscribe_with_retain_flag(make: ClientFactory, version: int) -> None:
     """[MQTT-3.3.1-5] the server stores a retained message; [MQTT-3.3.1-6] a new subscription
     receives it with RETAIN 1, at min(published, granted) QoS."""
     pub = make("pub", version=version)
@@ -93,8 +92,7 @@ def test_v5_retain_as_published(make: ClientFactory) -> None:
     assert [(m.payload, m.retain) for m in got] == [(b"kept flag", True), (b"plain", False)]
 
 
-def test_wildcard_subscription_gets_every_matching_retained(make: ClientFactory,
-                                                           version: int) -> None:
+def test_wildcard_subscription_gets_every_matching_retained(make: ClientFactory, version: int) -> None:
     """[MQTT-3.3.1-6] A wildcard subscription receives every matching retained message."""
     pub = make("pub", version=version)
     topics = ["t/wc/a", "t/wc/b", "t/wc/b/c", "t/wc"]
@@ -113,8 +111,7 @@ def test_wildcard_subscription_gets_every_matching_retained(make: ClientFactory,
     plus.expect_none(0.3)
 
 
-def test_dollar_topics_not_matched_by_leading_wildcards(make: ClientFactory,
-                                                        version: int) -> None:
+def test_dollar_topics_not_matched_by_leading_wildcards(make: ClientFactory, version: int) -> None:
     """[MQTT-4.7.2-1] Filters starting with '#' or '+' do not match topics starting with '$'.
 
     Checked with retained messages and live ones; '$meshtest/...' is matched by its own filter.
@@ -139,8 +136,7 @@ def test_v5_retained_message_expires(make: ClientFactory) -> None:
     longer delivered; before that, it is delivered with the remaining interval
     [MQTT-3.3.2-6]."""
     pub = make("pub", version=5)
-    pub.publish("t/exp/short", b"brief", qos=1, retain=True,
-                properties={"MessageExpiryInterval": 2})
+    pub.publish("t/exp/short", b"brief", qos=1, retain=True, properties={"MessageExpiryInterval": 2})
     published_at = time.monotonic()
     pub.publish("t/exp/long", b"lasting", qos=1, retain=True)
     early = make("early", version=5)
@@ -164,4 +160,3 @@ def test_v5_retained_message_expires(make: ClientFactory) -> None:
         time.sleep(0.2)
     # >= 1 s rather than 2 s: a server may keep time in whole seconds (mosquitto does).
     assert time.monotonic() - published_at >= 1.0, "expired well before its interval"
-

@@ -63,8 +63,9 @@ def test_persistent_session_keeps_subscriptions(make: ClientFactory, version: in
 
 
 @pytest.mark.parametrize("qos", [1, 2])
-def test_offline_messages_delivered_in_order_on_reconnect(make: ClientFactory, version: int,
-                                                          qos: int) -> None:
+def test_offline_messages_delivered_in_order_on_reconnect(
+    make: ClientFactory, version: int, qos: int
+) -> None:
     """[MQTT-3.1.2-5] (3.1.1): QoS 1/2 messages matching a disconnected persistent session are
     stored and delivered on reconnect, in order [MQTT-4.6.0-5]."""
     sub = make("off", version=version, **persistent(version))
@@ -91,18 +92,24 @@ def test_offline_messages_survive_an_abrupt_close(make: ClientFactory, version: 
     assert again.expect_one().payload == b"queued"
 
 
-def raw_persistent(broker: BrokerProcess, client_id: str, version: int,
-                   session_present: bool) -> socket.socket:
-    sock = raw_connect(broker, connect_packet(client_id, version=version, clean_start=False,
-                                              session_expiry_s=60 if version == 5 else None))
+def raw_persistent(
+    broker: BrokerProcess, client_id: str, version: int, session_present: bool
+) -> socket.socket:
+    sock = raw_connect(
+        broker,
+        connect_packet(
+            client_id, version=version, clean_start=False, session_expiry_s=60 if version == 5 else None
+        ),
+    )
     connack = read_packet(sock)
     assert connack.type == CONNACK and connack.body[1] == 0, connack
     assert bool(connack.body[0] & 0x01) is session_present
     return sock
 
 
-def test_unacked_qos1_publish_resent_with_dup_on_resume(broker: BrokerProcess,
-                                                        make: ClientFactory, version: int) -> None:
+def test_unacked_qos1_publish_resent_with_dup_on_resume(
+    broker: BrokerProcess, make: ClientFactory, version: int
+) -> None:
     """[MQTT-4.4.0-1] On resume the server resends unacknowledged PUBLISH packets with their
     original packet ids, with DUP set [MQTT-3.3.1-1]."""
     with raw_persistent(broker, "inflight1", version, session_present=False) as sock:
@@ -120,8 +127,9 @@ def test_unacked_qos1_publish_resent_with_dup_on_resume(broker: BrokerProcess,
         assert (again.flags >> 1) & 3 == 1
 
 
-def test_unacked_qos2_publish_resent_with_dup_on_resume(broker: BrokerProcess,
-                                                        make: ClientFactory, version: int) -> None:
+def test_unacked_qos2_publish_resent_with_dup_on_resume(
+    broker: BrokerProcess, make: ClientFactory, version: int
+) -> None:
     """[MQTT-4.4.0-1] A QoS 2 PUBLISH that got no PUBREC is resent with DUP and its packet id;
     the flow then completes normally."""
     with raw_persistent(broker, "inflight2", version, session_present=False) as sock:
@@ -139,8 +147,7 @@ def test_unacked_qos2_publish_resent_with_dup_on_resume(broker: BrokerProcess,
         assert (rel.type, struct.unpack("!H", rel.body[:2])[0]) == (PUBREL, pid)
 
 
-def test_unacked_pubrel_resent_on_resume(broker: BrokerProcess, make: ClientFactory,
-                                         version: int) -> None:
+def test_unacked_pubrel_resent_on_resume(broker: BrokerProcess, make: ClientFactory, version: int) -> None:
     """[MQTT-4.4.0-1] A PUBREL that got no PUBCOMP is resent on resume (not the PUBLISH)."""
     with raw_persistent(broker, "inflight3", version, session_present=False) as sock:
         sock.sendall(subscribe_packet("t/if3", 2, version=version))
@@ -210,9 +217,17 @@ def test_v5_session_gone_after_expiry(make: ClientFactory) -> None:
     """
     watcher = make("watch", version=5)
     watcher.subscribe("t/sge/will", 1)
-    gone = make("sge", version=5, **persistent(5, expiry_s=1),
-                will={"topic": "t/sge/will", "payload": b"session ended", "qos": 1,
-                      "properties": {"WillDelayInterval": 60}})
+    gone = make(
+        "sge",
+        version=5,
+        **persistent(5, expiry_s=1),
+        will={
+            "topic": "t/sge/will",
+            "payload": b"session ended",
+            "qos": 1,
+            "properties": {"WillDelayInterval": 60},
+        },
+    )
     gone.subscribe("t/sge", 1)
     closed_at = time.monotonic()
     gone.close_abruptly()

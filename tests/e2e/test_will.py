@@ -41,10 +41,10 @@ def make(broker: BrokerProcess) -> Iterator[ClientFactory]:
         yield factory
 
 
-def will(topic: str, payload: bytes = b"gone", qos: int = 1, retain: bool = False,
-         **props: Any) -> dict[str, Any]:
-    return {"topic": topic, "payload": payload, "qos": qos, "retain": retain,
-            "properties": props or None}
+def will(
+    topic: str, payload: bytes = b"gone", qos: int = 1, retain: bool = False, **props: Any
+) -> dict[str, Any]:
+    return {"topic": topic, "payload": payload, "qos": qos, "retain": retain, "properties": props or None}
 
 
 def test_will_sent_on_abrupt_close(make: ClientFactory, version: int) -> None:
@@ -75,8 +75,7 @@ def test_v5_disconnect_with_will_message(make: ClientFactory) -> None:
     assert watcher.expect_one().payload == b"asked for it"
 
 
-def test_will_on_protocol_error(broker: BrokerProcess, make: ClientFactory,
-                                version: int) -> None:
+def test_will_on_protocol_error(broker: BrokerProcess, make: ClientFactory, version: int) -> None:
     """[MQTT-3.1.2-8] The will is published when the server closes the connection for a
     protocol error (here a PUBLISH with both QoS bits set [MQTT-3.3.1-4])."""
     watcher = make("watch", version=version)
@@ -91,8 +90,7 @@ def test_will_on_protocol_error(broker: BrokerProcess, make: ClientFactory,
 
 
 @pytest.mark.meshmq_only  # mosquitto 2.0.11 deviates: drops the will on a second CONNECT
-def test_will_on_second_connect(broker: BrokerProcess, make: ClientFactory,
-                                version: int) -> None:
+def test_will_on_second_connect(broker: BrokerProcess, make: ClientFactory, version: int) -> None:
     """[MQTT-3.1.2-8] A second CONNECT [MQTT-3.1.0-2] is a protocol error: the will goes out."""
     watcher = make("watch", version=version)
     watcher.subscribe("t/will/twice", 1)
@@ -116,8 +114,7 @@ def test_will_qos(make: ClientFactory, version: int, qos: int) -> None:
 def test_will_retain(make: ClientFactory, version: int) -> None:
     """[MQTT-3.1.2-17] (3.1.1) With Will Retain 1 the will is published as a retained message:
     a later subscriber receives it with RETAIN 1."""
-    make("dying", version=version, will=will("t/will/ret", b"last words", retain=True)
-         ).close_abruptly()
+    make("dying", version=version, will=will("t/will/ret", b"last words", retain=True)).close_abruptly()
     watcher = make("watch", version=version)
     deadline = time.monotonic() + 5
     while True:  # the will is published asynchronously; poll the retained store, bounded
@@ -133,8 +130,13 @@ def test_v5_will_delay(make: ClientFactory) -> None:
     """[MQTT-3.1.3-9] v5: the will is published only after the Will Delay Interval."""
     watcher = make("watch", version=5)
     watcher.subscribe("t/will/delay", 1)
-    dying = make("dying", version=5, clean_start=False, session_expiry_s=60,
-                 will=will("t/will/delay", b"late", WillDelayInterval=1))
+    dying = make(
+        "dying",
+        version=5,
+        clean_start=False,
+        session_expiry_s=60,
+        will=will("t/will/delay", b"late", WillDelayInterval=1),
+    )
     closed_at = time.monotonic()
     dying.close_abruptly()
     watcher.expect_none(0.5)
@@ -154,14 +156,14 @@ def test_v5_will_delay_cancelled_by_reconnect(make: ClientFactory) -> None:
     watcher.expect_none(2.2)
 
 
-def test_will_sent_on_keepalive_timeout(broker: BrokerProcess, make: ClientFactory,
-                                        version: int) -> None:
+def test_will_sent_on_keepalive_timeout(broker: BrokerProcess, make: ClientFactory, version: int) -> None:
     """[MQTT-3.1.2-24] A silent client is disconnected after 1.5 x keepalive, and
     [MQTT-3.1.2-8] its will is published."""
     watcher = make("watch", version=version)
     watcher.subscribe("t/will/ka", 1)
-    packet = connect_packet("silent", version=version, keepalive_s=1,
-                            will=("t/will/ka", b"timed out", 1, False))
+    packet = connect_packet(
+        "silent", version=version, keepalive_s=1, will=("t/will/ka", b"timed out", 1, False)
+    )
     with raw_connect(broker, packet) as sock:
         assert read_packet(sock).type == CONNACK
         started = time.monotonic()

@@ -248,7 +248,10 @@ def test_data_layout_is_the_protocol_md_array(msg: DataMessage) -> None:
 def test_examples_round_trip() -> None:
     for msg in (
         PublishBatch(
-            "w1", 0, "a/b", (ITEM, (0, True, b"", "", PROPS, 60_000, 7), (2, False, b"\x00", "c", None, -5, 2**63))
+            "w1",
+            0,
+            "a/b",
+            (ITEM, (0, True, b"", "", PROPS, 60_000, 7), (2, False, b"\x00", "c", None, -5, 2**63)),
         ),
         Directed("w2", U64, "sub", 1, True, (1, MAX_SUB_ID), "a/b", (1, True, b"x", "pub", PROPS, 0, 1)),
         SharedUpdate("w3", 4, "+", "grp", "a/#", "c1", 2, None),
@@ -652,7 +655,9 @@ def test_huge_and_negative_integers_anywhere() -> None:
 
 
 def test_message_names_the_bad_item_and_is_bounded() -> None:
-    error = assert_rejected(raw(1, "P", "w1", 1, "t", [ITEM, ITEM, [1, False, "x" * 10_000, "", None, None, 0]]))
+    error = assert_rejected(
+        raw(1, "P", "w1", 1, "t", [ITEM, ITEM, [1, False, "x" * 10_000, "", None, None, 0]])
+    )
     text = str(error)
     assert text.startswith("'P' envelope: items[2]: item.payload: expected binary")
     assert len(text) < 300
