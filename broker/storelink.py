@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.store")
 
 CH_DURABLE = b"\x00D"
-POLL_S = 0.05
+POLL_S = 0.002  # see WorkerMesh._on_poll: ZeroMQ FDs can stay quiet after a signal was consumed
 LoadDone = Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]
 PersistDone = Callable[[bool, float], None]
 
