@@ -88,6 +88,8 @@ class WorkerMesh(ControlPlane):
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.IDENTITY, self.origin.encode())
+        self.dealer.setsockopt(zmq.SNDHWM, 0)  # control traffic is small and must never be dropped
+        self.dealer.setsockopt(zmq.RCVHWM, 0)
         self.dealer.connect(endpoint(ipc_dir, "relay.ctl"))
 
         self.local_prefixes: dict[str, int] = {}

@@ -78,6 +78,7 @@ class StoreLink:
         self.dealer.setsockopt(
             zmq.SNDHWM, 0
         )  # never drop a request; the store applies backpressure by latency
+        self.dealer.setsockopt(zmq.RCVHWM, 0)  # nor a reply: a lost "durable" would stall a publisher
         self.dealer.setsockopt(zmq.IDENTITY, f"w{index}".encode())
         self.dealer.connect(endpoint(ipc_dir, "store.ctl"))
         self.sub = self.ctx.socket(zmq.SUB)

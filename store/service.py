@@ -85,6 +85,10 @@ class StoreService:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        # Every request gets exactly one reply and a dropped reply stalls a client forever: no
+        # high-water mark on replies (their number is bounded by the requests in flight).
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.bind(endpoint(settings.ipc_dir, "store.ctl"))
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)

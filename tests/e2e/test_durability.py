@@ -204,6 +204,20 @@ def test_online_subscriber_gets_every_unacknowledged_message_after_sigkill(
     assert all(n < half for n in check.unexpected), check.summary()
 
 
+def test_publisher_with_a_wide_window_is_never_stalled(node: DurableNode, make: ClientFactory) -> None:
+    """A 3.1.1 publisher keeps 1,000 QoS 1 messages in flight (3.1.1 has no Receive Maximum)
+    to a persistent subscriber: every PUBLISH is acknowledged [MQTT-4.3.2-2] and delivered in
+    order, without the publisher having to send anything else to move the broker on."""
+    sub = persistent_v311(make, "d-wide-sub")
+    assert sub.subscribe("dur/wide", 1) == [1]
+    pub = publisher(make, "d-wide-pub", inflight=1000)
+    total = 20_000
+    assert publish_windowed(pub, "dur/wide", numbered(total), window=total, timeout_s=30) == [0] * total
+    got = receive_numbered(sub, range(total), timeout_s=30)
+    check = check_stream(got, range(total))
+    assert not check.missing and not check.out_of_order, check.summary()
+
+
 # -- 3. retained messages ----------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ commit), and whether an offline queue drains at least as fast as it was filled.
 
 Unlike the other loadgen scenarios this one owns its broker: it needs a node with a store and
 (for PostgreSQL) a throwaway database server (`tests.pg.throwaway_server`), both started and
-stopped here. Three phases run against one node, `pairs` topics each with one QoS 1 publisher
+stopped here (`python -m tools.loadgen.durable` runs it alone; the clients are in
+`durable_clients`). Three phases run against one node, `pairs` topics each with one QoS 1 publisher
 (`window` messages in flight) and one persistent subscriber (3.1.1 Clean Session 0, or 5.0
 with Session Expiry 0xFFFFFFFF):
   online   subscribers connected and acknowledging; warm-up, then a measured window
@@ -47,13 +48,13 @@ from pathlib import Path
 
 from tools import procstat
 from tools.loadgen import clients, wire
+from tools.loadgen.durable_clients import DurablePublisher, PersistentSubscriber
 from tools.loadgen.scenarios import Metric
 from tools.loadgen.worker import run_async
 
 SCENARIO = "durable"
 STORES = ("postgres", "sqlite")
 HOST = "127.0.0.1"
-NEVER_EXPIRES_S = 0xFFFFFFFF
 LISTEN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 30.0  # a persistent session's CONNECT waits for the store's load
@@ -65,11 +66,11 @@ OFFLINE_SETTLE_S = 0.3  # after DISCONNECT, before the fill: the broker marks th
 class DurableParams:
     seconds: float = 5.0  # measured window of the online phase, and length of the fill
     warmup_s: float = 1.0
-    pairs: int = 4  # topics, each with one publisher and one persistent subscriber
-    window: int = 100  # QoS 1 messages in flight per publisher
+    pairs: int = 16  # topics, each with one publisher and one persistent subscriber
+    window: int = 100  # QoS 1 messages in flight per publisher (the node's MaxInflight)
     payload_bytes: int = 64
     version: int = wire.MQTT_311
-    workers: int = 1
+    workers: int = 0  # 0: the node's default, one worker per core
     fill_max_msgs: int = 300_000  # bound of the fill, all publishers together
     settle_timeout_s: float = 60.0  # longest wait for in-flight messages after a phase
     drain_timeout_s: float = 180.0
@@ -138,143 +139,6 @@ class DurableResult:
             Metric("duplicate msgs", float(self.duplicates), "msgs", "lower"),
         ]
         return tuple(out)
-
-
-# -- MQTT clients ------------------------------------------------------------------------------
-
-
-def connect_persistent_packet(client_id: str, keepalive_s: int, version: int) -> bytes:
-    """CONNECT with Clean Session / Clean Start 0; 5.0 also asks for a session that never expires."""
-    variable = b"\x00\x04MQTT" + bytes((version, 0x00)) + keepalive_s.to_bytes(2, "big")
-    if version == wire.MQTT_5:
-        variable += b"\x05\x11" + NEVER_EXPIRES_S.to_bytes(4, "big")
-    cid = client_id.encode()
-    body = variable + len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + wire.varint(len(body)) + body
-
-
-def remaining_length(buf: bytes, at: int, end: int) -> tuple[int, int] | None:
-    """The Remaining Length at `at`: (value, bytes it took), or None while incomplete."""
-    value = 0
-    for used in range(4):
-        if at + used >= end:
-            return None
-        byte = buf[at + used]
-        value |= (byte & 0x7F) << (7 * used)
-        if byte < 0x80:
-            return value, used + 1
-    raise wire.WireError(f"Remaining Length longer than 4 bytes at offset {at}")
-
-
-class DurablePublisher(clients.Client):
-    """Keeps `window` QoS 1 PUBLISHes in flight and times each one until its PUBACK."""
-
-    def __init__(self, version: int, topic: str, payload_bytes: int, window: int) -> None:
-        super().__init__(version)
-        self._template = wire.publish_template(topic, payload_bytes, 1, version)
-        self._window = window
-        self._next_id = 0
-        self._sent_ns: dict[int, int] = {}
-        self._limit = 0
-        self.seq = 0  # next sequence number: messages sent so far, over all phases
-        self.ok = 0  # PUBACK with a success code (0x00, or 0x10 "no matching subscribers")
-        self.refused = 0
-        self.recording = False
-        self.latencies_ns: list[int] = []
-
-    def run_until(self, limit: int) -> None:
-        """Publish until `limit` messages were sent in all (0: stop sending now)."""
-        self._limit = limit
-        self._send()
-
-    def in_flight(self) -> int:
-        return len(self._sent_ns)
-
-    @property
-    def finished(self) -> bool:
-        """Everything up to the limit was sent and acknowledged."""
-        return self.seq >= self._limit and not self._sent_ns
-
-    def _send(self) -> None:
-        if self.lost or self.transport is None:
-            return
-        count = min(self._window - len(self._sent_ns), self._limit - self.seq)
-        if count <= 0:
-            return
-        now_ns = time.perf_counter_ns()
-        encode, parts = self._template.encode, []
-        for _ in range(count):
-            self._next_id = self._next_id % 65535 + 1  # non-zero [MQTT-2.3.1-1]
-            self._sent_ns[self._next_id] = now_ns
-            parts.append(encode(self._next_id, 0, self.seq))
-            self.seq += 1
-        self.transport.write(b"".join(parts))
-
-    def _scan(self, buf: bytes, others: list[wire.Control]) -> int:
-        end, i = len(buf), 0
-        now_ns = time.perf_counter_ns()
-        while i + 1 < end:
-            header = remaining_length(buf, i + 1, end)
-            if header is None:
-                break
-            length, used = header
-            body_at = i + 1 + used
-            nxt = body_at + length
-            if nxt > end:
-                break
-            if buf[i] >> 4 == wire.PUBACK and length >= 2:
-                sent_ns = self._sent_ns.pop(buf[body_at] << 8 | buf[body_at + 1], None)
-                if length > 2 and buf[body_at + 2] >= 0x80:  # 5.0 reason code: refused
-                    self.refused += 1
-                else:
-                    self.ok += 1
-                if sent_ns is not None and self.recording:
-                    self.latencies_ns.append(now_ns - sent_ns)
-            else:
-                others.append(wire.Control(buf[i] >> 4, buf[i] & 0x0F, bytes(buf[body_at:nxt])))
-            i = nxt
-        self._send()
-        return i
-
-
-class PersistentSubscriber(clients.Client):
-    """A persistent session's connection: acknowledges every message, counts duplicates and gaps."""
-
-    def __init__(self, version: int, expected_seq: int = 0) -> None:
-        super().__init__(version)
-        self.expected_seq = expected_seq
-
-    @property
-    def unique(self) -> int:
-        return self.received - self.duplicates
-
-    async def handshake(self, client_id: str, keepalive_s: int, timeout_s: float) -> None:
-        assert self.transport is not None
-        self.transport.write(connect_persistent_packet(client_id, keepalive_s, self.version))
-        code = await asyncio.wait_for(self._connack, timeout_s)
-        if code != 0:
-            raise clients.ClientError(f"CONNACK refused {client_id}: code 0x{code:02x}")
-
-    def _scan(self, buf: bytes, others: list[wire.Control]) -> int:
-        heads: list[tuple[int, int, int]] = []
-        used = wire.scan_publishes(buf, 0, self.version, heads, others)
-        if not heads:
-            return used
-        self.received += len(heads)
-        acks = bytearray()
-        expected = self.expected_seq
-        for packet_id, _stamp, seq in heads:
-            if packet_id:
-                acks += wire.puback_packet(packet_id)
-            if seq >= expected:
-                self.gaps += seq - expected
-                expected = seq + 1
-            else:
-                self.duplicates += 1
-        self.expected_seq = expected
-        if self.transport is not None and not self.lost:
-            self.transport.write(bytes(acks))
-        return used
 
 
 # -- the node and the database -----------------------------------------------------------------
@@ -617,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         "--mqtt-version", type=int, choices=(wire.MQTT_311, wire.MQTT_5), default=wire.MQTT_311
     )
     args = parser.parse_args(argv)
+    # SIGTERM (a timeout, an impatient caller) must still run the `finally`s that stop the node
+    # and the database server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     if unknown := [s for s in stores if s not in STORES]:
         parser.error(f"unknown store(s) {unknown}; known: {', '.join(STORES)}")
