@@ -75,10 +75,10 @@ class StoreLink:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 2000)  # acks and saves still in the pipe at exit
-        self.dealer.setsockopt(
-            zmq.SNDHWM, 0
-        )  # never drop a request; the store applies backpressure by latency
-        self.dealer.setsockopt(zmq.RCVHWM, 0)  # nor a reply: a lost "durable" would stall a publisher
+        # never drop a request (the store applies backpressure by latency) nor a reply (a lost
+        # "durable" would stall a publisher)
+        self.dealer.setsockopt(zmq.SNDHWM, 0)
+        self.dealer.setsockopt(zmq.RCVHWM, 0)
         self.dealer.setsockopt(zmq.IDENTITY, f"w{index}".encode())
         self.dealer.connect(endpoint(ipc_dir, "store.ctl"))
         self.sub = self.ctx.socket(zmq.SUB)
