@@ -60,7 +60,7 @@ from tools.bench_brokers import free_port as free_port
 from tools.bench_brokers import free_port_base as free_port_base
 from tools.bench_brokers import port_free as port_free
 from tools.bench_brokers import wait_listening as wait_listening
-from tools.loadgen import wire
+from tools.loadgen import durable, wire
 from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario
 from tools.loadgen.worker import raise_nofile_limit
 
@@ -92,7 +92,7 @@ CROSS_SCENARIOS = (
     CrossScenario("fan-out-cross", "fan-out", 1, 2),
 )
 CROSS_BY_NAME = {c.name: c for c in CROSS_SCENARIOS}
-ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME)
+ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME, durable.SCENARIO)  # durable: its own node and database
 
 
 def parse_variants(text: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -502,6 +502,12 @@ def run_bench(args: argparse.Namespace) -> int:
         runs = run_cross(crosses, args, params, Path(tmp))
         everyone = [*brokers, *(b for _c, b in runs)]
         report = to_json(brokers, args, started, runs)  # before the workdirs (broker logs) go
+    durable_params = durable.DurableParams(
+        seconds=args.seconds, warmup_s=args.warmup, version=args.mqtt_version
+    )
+    run_durable = durable.SCENARIO in args.scenarios and "meshmq" in args.brokers
+    durables = [durable.run_durable(store, durable_params) for store in durable.STORES] if run_durable else []
+    report["durable"] = [durable.as_json(r) for r in durables]
     if brokers:
         print()
         print(render_table(brokers, [s for s in SCENARIOS if s in args.scenarios]))
@@ -510,6 +516,9 @@ def run_bench(args: argparse.Namespace) -> int:
             f"\ncross-worker delivery (MeshMQ {args.cross_args}, clients placed by WorkerPortBase, a fresh node each):"
         )
         print(render_cross_table(runs))
+    if durables:
+        print("\ndurable QoS 1 into persistent sessions (MeshMQ, its own node and database each):")
+        print(durable.render(durables))
     problems = render_problems(everyone)
     if problems:
         print("\nproblems:")
@@ -520,7 +529,7 @@ def run_bench(args: argparse.Namespace) -> int:
         path = args.results_dir / f"{started.strftime('%Y-%m-%dT%H%M%S')}.json"
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"\nwrote {path}")
-    return 1 if failed(everyone) else 0
+    return 1 if failed(everyone) or any(r.errors or not r.phases for r in durables) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

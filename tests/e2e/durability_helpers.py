@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,6 @@ class DurableNode:
 
     broker: BrokerProcess
     ipc_dir: str
-    log_marks: list[int] = field(default_factory=list)
 
     @property
     def host(self) -> str:

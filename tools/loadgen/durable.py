@@ -88,6 +88,7 @@ class PhaseResult:
     broker_cpu_pct: float | None = None
     database_cpu_pct: float | None = None
     generator_cpu_pct: float = 0.0
+    unacked: int = 0  # PUBLISHes still without PUBACK `settle_timeout_s` after the phase
 
     @property
     def msgs_per_s(self) -> float | None:
@@ -342,6 +343,7 @@ async def _publish_phase(
     for pub in pubs:
         pub.run_until(0)
     await _wait(lambda: not any(p.in_flight() for p in pubs), params.settle_timeout_s)
+    unacked = sum(p.in_flight() for p in pubs)  # after the settle: a stalled node
     ordered = sorted(ns for p in pubs for ns in p.latencies_ns)
     return PhaseResult(
         name,
@@ -354,6 +356,7 @@ async def _publish_phase(
         broker_pct,
         db_pct,
         own_pct,
+        unacked,
     )
 
 
@@ -402,6 +405,11 @@ async def _run_phases(params: DurableParams, node: Node, db: Database) -> Durabl
         )
         lost = sum(max(0, p.ok - a.unique - b.unique) for a, b, p in zip(first, second, pubs, strict=True))
         errors += [f"client: {c.error}" for c in (*first, *second, *pubs) if c.error and not c.closing]
+        errors += [
+            f"{p.phase}: {p.unacked} PUBLISH(es) never acknowledged (waited {params.settle_timeout_s:.0f}s)"
+            for p in phases
+            if p.unacked
+        ]
         duplicates = sum(s.duplicates for s in (*first, *second))
         return DurableResult("", tuple(phases), lost, duplicates, tuple(dict.fromkeys(errors)))
     finally:
@@ -430,6 +438,34 @@ def run_durable(store: str, params: DurableParams) -> DurableResult:
             tail = f"; node log: {node.log_tail()}" if node is not None else ""
             error = f"{type(exc).__name__}: {exc} (in {frame.name}, line {frame.lineno}){tail}"
             return DurableResult(store, (), 0, 0, (error,))
+
+
+def as_json(result: DurableResult) -> dict[str, object]:
+    """The result for `bench-results/*.json`."""
+    return {
+        "store": result.store,
+        "metrics": [{"name": m.name, "value": m.value, "unit": m.unit} for m in result.metrics()],
+        "phases": [
+            {
+                "phase": p.phase,
+                "msgs": p.msgs,
+                "seconds": round(p.seconds, 3),
+                "msgs_per_s": p.msgs_per_s,
+                "p50_ms": p.p50_ms,
+                "p99_ms": p.p99_ms,
+                "refused": p.refused,
+                "transactions": p.transactions,
+                "rows_per_transaction": p.rows_per_transaction,
+                "broker_cpu_pct": p.broker_cpu_pct,
+                "database_cpu_pct": p.database_cpu_pct,
+                "generator_cpu_pct": p.generator_cpu_pct,
+            }
+            for p in result.phases
+        ],
+        "lost": result.lost,
+        "duplicates": result.duplicates,
+        "errors": list(result.errors),
+    }
 
 
 # -- command line ---------------------------------------------------------------------------------
