@@ -212,19 +212,30 @@ def _connected(
     if conn.closing:
         return  # closed by us meanwhile (CONNECT timeout); connection_lost follows
     core.counters.connections_accepted += 1
-    conn.send(Connack(session_present, Reason.SUCCESS, pending.connack_props))
-    log.info(
-        "client %r connected from %s (%s, keep alive %ds, session present %s)",
-        pending.client_id,
-        conn.peer,
-        "5.0" if conn.version is V5 else "3.1.1",
-        conn.keepalive_s,
-        session_present,
-    )
-    core.store.session_saved(session)
-    if session_present:
-        core.resume(session, conn, now)
-    core.release_held(conn, now)
+
+    def answer(now: float) -> None:
+        if conn.closing or conn.state is not ConnectionState.CONNECTED or conn.session is not session:
+            return  # gone or taken over while the store wrote
+        conn.send(Connack(session_present, Reason.SUCCESS, pending.connack_props))
+        log.info(
+            "client %r connected from %s (%s, keep alive %ds, session present %s)",
+            pending.client_id,
+            conn.peer,
+            "5.0" if conn.version is V5 else "3.1.1",
+            conn.keepalive_s,
+            session_present,
+        )
+        if session_present:
+            core.resume(session, conn, now)
+        core.release_held(conn, now)
+
+    if core.store.enabled and (session.persistent or session.will is not None):
+        # A session that outlives its connection, or a will, is in the store before CONNACK:
+        # a crash right after it must not lose the session or the will [MQTT-3.1.2-8].
+        core.store.session_saved(session, answer)
+    else:
+        core.store.session_saved(session)
+        answer(now)
 
 
 def _attach_session(

@@ -79,7 +79,7 @@ class FakeStore:
         self.saved.append(session.client_id)
         session.stored = session.expiry_interval_s > 0 or session.will is not None
         if done is not None:
-            done(0.0)  # the fake store holds it at once
+            done(self.clock.now)  # the fake store holds it at once
 
     def session_removed(self, client_id: str) -> None:
         self.removed.append(client_id)

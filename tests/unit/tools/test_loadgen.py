@@ -297,7 +297,14 @@ def test_default_meshmq_columns_are_one_and_two_workers() -> None:
 
 def test_scenario_option_knows_the_cross_worker_scenarios() -> None:
     args = bench.build_parser().parse_args([])
-    assert args.scenarios == [*SCENARIOS, "fan-in-same", "fan-in-cross", "fan-out-same", "fan-out-cross"]
+    assert args.scenarios == [
+        *SCENARIOS,
+        "fan-in-same",
+        "fan-in-cross",
+        "fan-out-same",
+        "fan-out-cross",
+        "durable",
+    ]
     assert bench.build_parser().parse_args(["--scenarios", "fan-out-cross"]).scenarios == ["fan-out-cross"]
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--scenarios", "fan-sideways"])
