@@ -196,7 +196,7 @@ def _connected(
     rows: Sequence[QueuedRecord],
     now: float,
 ) -> None:
-    session_present = _attach_session(core, conn, pending, state, record, rows, now)
+    session_present, wait = _attach_session(core, conn, pending, state, record, rows, now)
     session = conn.session
     assert session is not None
     session.epoch = epoch
@@ -229,13 +229,27 @@ def _connected(
             core.resume(session, conn, now)
         core.release_held(conn, now)
 
-    if core.store.enabled and (session.persistent or session.will is not None):
-        # A session that outlives its connection, or a will, is in the store before CONNACK:
-        # a crash right after it must not lose the session or the will [MQTT-3.1.2-8].
-        core.store.session_saved(session, answer)
-    else:
+    # CONNACK waits until a session that outlives its connection, or a will, is in the store (a
+    # crash right after it must not lose them [MQTT-3.1.2-8]) and until the subscriptions a
+    # moved session brought are in force on every worker (a barrier, as for SUBSCRIBE).
+    durable = core.store.enabled and (session.persistent or session.will is not None)
+    remaining = [int(durable) + int(wait)]
+    if not remaining[0]:
         core.store.session_saved(session)
         answer(now)
+        return
+
+    def one_done(now: float) -> None:
+        remaining[0] -= 1
+        if not remaining[0]:
+            answer(now)
+
+    if durable:
+        core.store.session_saved(session, one_done)
+    else:
+        core.store.session_saved(session)
+    if wait:
+        core.mesh.barrier(now, one_done)
 
 
 def _attach_session(
@@ -246,15 +260,16 @@ def _attach_session(
     record: SessionRecord | None,
     rows: Sequence[QueuedRecord],
     now: float,
-) -> bool:
+) -> tuple[bool, bool]:
     """Bind the connection to a new, resumed, handed-over or stored session; returns Session
-    Present [MQTT-3.2.2-2, -3].
+    Present [MQTT-3.2.2-2, -3] and whether the subscriptions it brought need a mesh barrier.
 
     Sources, freshest first: this worker's own session, the hand-off of the worker that held it,
     the store's copy; the store's queued rows are merged into the first two by message id, so a
     message that reached only the store (a crash, a hand-off under way) is not lost.
     """
     client_id = pending.client_id
+    wait = False
     session = core.sessions.get(client_id)
     if session is not None:
         core.take_over(session, pending.clean_start, now)
@@ -265,13 +280,13 @@ def _attach_session(
         session, subscriptions = session_from_wire(client_id, state, core.worker_index, now)
         core.sessions[client_id] = session
         for key_filter, entry in subscriptions:
-            core.add_subscription(session, key_filter, entry)
+            wait |= core.add_subscription(session, key_filter, entry)[1]
     if session is None and record is not None and record.expiry_s > 0:
         # (a stored session of expiry 0 was kept only for its will; it is not resumed)
         session = Session(client_id, pending.expiry_s)
         core.sessions[client_id] = session
         for sub in record.subscriptions:
-            core.add_subscription(
+            wait |= core.add_subscription(
                 session,
                 sub.key_filter,
                 SubEntry(
@@ -285,7 +300,7 @@ def _attach_session(
                     sub.share_group,
                     core.worker_index,
                 ),
-            )
+            )[1]
     if session is not None and rows:
         known = {item.message.msg_id for item in session.inflight.values()}
         known.update(item.message.msg_id for item in session.queue)
@@ -302,4 +317,4 @@ def _attach_session(
     session.expires_at = None
     session.connection = conn
     conn.session = session
-    return present
+    return present, wait
