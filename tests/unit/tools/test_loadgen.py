@@ -321,11 +321,13 @@ def test_free_port_base_gives_consecutive_free_ports(monkeypatch: pytest.MonkeyP
         taken.listen()
         busy = int(taken.getsockname()[1])
         assert not bench.port_free(busy)
-        # Candidates: one whose run holds the busy port, one that is `avoid`, then a good one.
-        good = bench.free_port()
-        offers = iter([busy - 1, 40_000, good])
+        # Candidates: one whose run holds the busy port, one that is `avoid`, then good ones
+        # (several: tests running in parallel may take a port of a block meanwhile).
+        goods = [bench.free_port() for _ in range(20)]
+        offers = iter([busy - 1, 40_000, *goods])
         monkeypatch.setattr(bench_brokers, "free_port", lambda: next(offers))  # where free_port_base looks
-        assert bench.free_port_base(2, avoid=40_000) == good - 1
+        base = bench.free_port_base(2, avoid=40_000)
+        assert base + 1 in goods  # the busy and the avoided candidates were passed over
 
 
 def test_meshmq_config_sets_worker_ports_and_a_private_ipc_dir(tmp_path: Path) -> None:
