@@ -21,7 +21,9 @@ pytestmark = pytest.mark.meshmq_only
 
 @pytest.fixture
 def tiny_marks(tmp_path: Path) -> Iterator[WorkerNode]:
-    node = start_worker_node(tmp_path, 2, {"Mesh": {"SendHwm": 1, "RecvHwm": 1}})
+    # (a queue large enough that MaxQueuedMessages never drops: the mesh is what is tested)
+    config = {"Mesh": {"SendHwm": 1, "RecvHwm": 1}, "MQTT": {"MaxQueuedMessages": 100_000}}
+    node = start_worker_node(tmp_path, 2, config)
     try:
         yield node
     finally:
