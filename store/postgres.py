@@ -71,10 +71,10 @@ from store.records import (
     SetRetained,
     SubscriptionRecord,
     UpsertSession,
-    WillRecord,
     WriteOp,
     check_ops,
 )
+from store.rows import session_from_row, subscription_from_row
 
 WRITE_WAIT_S = 0.5  # how long a batch waits for a pooled connection before "unavailable"
 
@@ -267,15 +267,15 @@ class PostgresBackend:
                 f"SELECT {_SUB_COLUMNS} FROM subscriptions WHERE client_id = %s ORDER BY position",
                 (client_id,),
             ).fetchall()
-            return _session(row, [_subscription(s) for s in subs])
+            return session_from_row(row, [subscription_from_row(s) for s in subs])
 
     def sessions(self) -> list[SessionRecord]:
         with self._connection("loading the sessions") as conn, conn.transaction():
             subs: dict[str, list[SubscriptionRecord]] = {}
             for s in conn.execute(f"SELECT {_SUB_COLUMNS} FROM subscriptions ORDER BY client_id, position"):
-                subs.setdefault(s[0], []).append(_subscription(s))
+                subs.setdefault(s[0], []).append(subscription_from_row(s))
             rows = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY client_id").fetchall()
-            return [_session(row, subs.get(row[0], [])) for row in rows]
+            return [session_from_row(row, subs.get(row[0], [])) for row in rows]
 
     def fetch_queue(self, client_id: str, limit: int, visibility_s: float, now: float) -> list[QueuedRecord]:
         if limit <= 0:
@@ -429,27 +429,3 @@ def _queued(client_id: str, row: _Row) -> QueuedRecord:
     return QueuedRecord(
         client_id, msg_id, qos, retain, tuple(sub_ids), topic, payload, props, origin, expires_at, seq
     )
-
-
-def _subscription(s: _Row) -> SubscriptionRecord:
-    _client_id, _position, key_filter, topic_filter, qos, no_local, rap, rh, sub_id, group = s
-    return SubscriptionRecord(key_filter, topic_filter, qos, no_local, rap, rh, sub_id, group)
-
-
-def _session(row: _Row, subs: list[SubscriptionRecord]) -> SessionRecord:
-    (
-        client_id,
-        expiry_s,
-        online,
-        node,
-        epoch,
-        updated_at,
-        w_topic,
-        w_payload,
-        w_qos,
-        w_retain,
-        w_props,
-        w_delay,
-    ) = row
-    will = None if w_payload is None else WillRecord(w_topic, w_payload, w_qos, w_retain, w_props, w_delay)
-    return SessionRecord(client_id, expiry_s, tuple(subs), will, online, node, epoch, updated_at)

@@ -43,10 +43,10 @@ from store.records import (
     SetRetained,
     SubscriptionRecord,
     UpsertSession,
-    WillRecord,
     WriteOp,
     check_ops,
 )
+from store.rows import session_from_row, subscription_from_row
 
 __all__ = ["SqliteBackend"]
 
@@ -215,16 +215,16 @@ class SqliteBackend:
                 f"SELECT {_SUB_COLUMNS} FROM subscriptions WHERE client_id = ? ORDER BY position",
                 (client_id,),
             ).fetchall()
-            return _session(row, [_subscription(s) for s in subs])
+            return session_from_row(row, [subscription_from_row(s) for s in subs])
 
     def sessions(self) -> list[SessionRecord]:
         with self._lock, self._errors("loading the sessions"):
             conn = self._connection()
             subs: dict[str, list[SubscriptionRecord]] = {}
             for s in conn.execute(f"SELECT {_SUB_COLUMNS} FROM subscriptions ORDER BY client_id, position"):
-                subs.setdefault(s[0], []).append(_subscription(s))
+                subs.setdefault(s[0], []).append(subscription_from_row(s))
             rows = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY client_id").fetchall()
-            return [_session(row, subs.get(row[0], [])) for row in rows]
+            return [session_from_row(row, subs.get(row[0], [])) for row in rows]
 
     def fetch_queue(self, client_id: str, limit: int, visibility_s: float, now: float) -> list[QueuedRecord]:
         if limit <= 0:
@@ -394,57 +394,4 @@ def _queued(client_id: str, row: _Row) -> QueuedRecord:
         origin,
         expires_at,
         seq,
-    )
-
-
-def _subscription(s: _Row) -> SubscriptionRecord:
-    _client_id, _position, key_filter, topic_filter, qos, no_local, rap, rh, sub_id, group = s
-    return SubscriptionRecord(
-        key_filter,
-        topic_filter,
-        qos,
-        bool(no_local),
-        bool(rap),
-        rh,
-        sub_id,
-        group,
-    )
-
-
-def _session(row: _Row, subs: list[SubscriptionRecord]) -> SessionRecord:
-    (
-        client_id,
-        expiry_s,
-        online,
-        node,
-        epoch,
-        updated_at,
-        w_topic,
-        w_payload,
-        w_qos,
-        w_retain,
-        w_props,
-        w_delay,
-    ) = row
-    will = (
-        None
-        if w_payload is None
-        else WillRecord(
-            w_topic,
-            w_payload,
-            w_qos,
-            bool(w_retain),
-            w_props,
-            w_delay,
-        )
-    )
-    return SessionRecord(
-        client_id,
-        expiry_s,
-        tuple(subs),
-        will,
-        bool(online),
-        node,
-        epoch,
-        updated_at,
     )
