@@ -79,11 +79,30 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def _cluster_refusal(config: Config) -> str | None:
+    """Why cluster mode cannot start with this configuration, or None (also outside cluster mode).
+
+    Checked before any process starts, so that a missing database choice or key is one line on
+    stderr rather than a relay that dies later. The key file is loaded here only to check it; the
+    relay loads it again for use.
+    """
     if not config.cluster:
         return None
     if config.session_store.type is not StoreType.POSTGRES:
         return "cluster mode requires SessionStore.Type: POSTGRES"
-    return "cluster mode is not available in this version yet"
+    curve = config.mesh.curve
+    if not curve.key_file:
+        if config.mesh.plaintext:
+            return None
+        return (
+            "cluster mode needs Mesh.Curve.KeyFile (make keys with `meshctl keygen`) or Mesh.Plaintext: true"
+        )
+    from mesh.curve import CurveError, load_keys  # pyzmq only once cluster mode is asked for
+
+    try:
+        load_keys(curve.key_file, curve.allowed_keys_dir)
+    except CurveError as e:
+        return f"Mesh.Curve: {e}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,8 @@ section is one frozen dataclass, one `_Section(...)` table and one row in its pa
 
 Must not: read anything but the file and the environment; keep dicts past this module (values
 leave as frozen dataclasses); accept a key it does not know (a typo would otherwise be ignored
-silently); accept the sections reserved for later work (Cluster, Mesh, Http, TCPS, WS, WSS, Auth)
-before the code that honours them exists.
+silently); accept the sections reserved for later work (Http, TCPS, WS, WSS, Auth, and
+Cluster.SplitBrainProtection / Cluster.MergePolicy) before the code that honours them exists.
 
 Invariants:
 - Keys are case-sensitive CamelCase; an unknown key is an error that lists the allowed keys.
@@ -21,6 +21,10 @@ Invariants:
 - `${NAME}` and `${NAME:-default}` are expanded in every string value; `$${` is a literal `${`.
   A missing variable without a default is an error naming the key and the variable.
 - Duplicate keys in one YAML mapping are an error (PyYAML would keep the last one silently).
+- List items are named `Key[index]` in errors (`Mesh.TcpIp.Members[2]: ...`); rules that tie
+  keys together (timeouts in order, mDNS needs interfaces) are checked after the whole file is
+  read and name the key to change.
+- `Config.cluster` is true when `-cluster` was given or `Cluster.Enabled: true`.
 """
 
 from __future__ import annotations
@@ -44,14 +48,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOG_LEVELS",
+    "ClusterConfig",
     "Config",
     "ConfigError",
+    "CurveConfig",
+    "DnsConfig",
     "LoggingConfig",
+    "MdnsConfig",
+    "MeshConfig",
     "MqttConfig",
     "PostgresConfig",
     "SessionStoreConfig",
     "SqliteConfig",
     "StoreType",
+    "TcpIpConfig",
     "load_config",
     "parse_config",
     "with_overrides",
@@ -119,8 +129,36 @@ class SessionStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CurveConfig:
+    key_file: str = ""  # Mesh.Curve.KeyFile: this node's key pair, or the cluster's shared pair
+    # Mesh.Curve.AllowedKeysDir: per-node mode: <NodeName>.key public keys of the nodes allowed to join
+    allowed_keys_dir: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpIpConfig:
+    enabled: bool = True
+    members: tuple[str, ...] = ()  # Mesh.TcpIp.Members: "host", "host:port", "a.b.c.d-e", "name@host[:port]"
+
+
+@dataclass(frozen=True, slots=True)
+class MdnsConfig:
+    enabled: bool = False
+    # IPv4 addresses of the interfaces to use; REQUIRED (non-empty) when enabled
+    interfaces: tuple[str, ...] = ()
+    announce_interval_ms: int = 5000  # range 500..600000
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    enabled: bool = False
+    names: tuple[str, ...] = ()  # "name" or "name:port"; REQUIRED non-empty when enabled
+    refresh_ms: int = 5000  # 500..600000
+
+
+@dataclass(frozen=True, slots=True)
 class MeshConfig:
-    """The node's ZeroMQ mesh (see mesh/PROTOCOL.md)."""
+    """The node's ZeroMQ mesh (see mesh/PROTOCOL.md) and its links to the other nodes."""
 
     ipc_dir: str = (
         ""  # Mesh.IpcDir; "" = $XDG_RUNTIME_DIR/meshmq-<NodeName>, else /tmp/meshmq-<uid>-<NodeName>
@@ -131,6 +169,28 @@ class MeshConfig:
     recv_hwm: int = 1000  # Mesh.RecvHwm
     heartbeat_ms: int = 1000  # Mesh.HeartbeatMs, worker -> relay
     handoff_timeout_ms: int = 3000  # Mesh.HandoffTimeoutMs, waiting for a session from another worker
+    cluster_name: str = "meshmq"  # Mesh.ClusterName: same text pattern as NodeName
+    port: int = 7946  # Mesh.Port: the relay's tcp port for other nodes, 1..65535
+    bind_address: str = ""  # Mesh.BindAddress: "" = ListenAddress; validated like ListenAddress
+    # Mesh.AdvertiseAddress: address other nodes reach us at; "" = BindAddress if it is a specific
+    # address, else the address the host name resolves to
+    advertise_address: str = ""
+    peer_heartbeat_ms: int = 500  # Mesh.PeerHeartbeatMs 50..60000
+    suspect_after_ms: int = 1500  # Mesh.SuspectAfterMs 100..600000
+    dead_after_ms: int = 4000  # Mesh.DeadAfterMs 200..600000; > SuspectAfterMs > PeerHeartbeatMs
+    plaintext: bool = False  # Mesh.Plaintext: allow cluster links without CURVE (logged as a warning)
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    tcp_ip: TcpIpConfig = field(default_factory=TcpIpConfig)
+    mdns: MdnsConfig = field(default_factory=MdnsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    enabled: bool = False  # Cluster.Enabled: same as -cluster
+    # Cluster.ServerReference: sent to MQTT 5 clients with DISCONNECT 0x9C when this node drains
+    # ("" = 0x8B without reference)
+    server_reference: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +201,12 @@ class Config:
     tcp_port: int = 1883  # 0: no plain TCP listener
     worker_port_base: int = 0  # >0: worker N also listens on this + N (tests, benchmarks, debugging)
     shutdown_grace_s: float = 10.0  # SIGTERM: time for clients to be told and workers to drain
-    cluster: bool = False  # from the command line (-cluster), not from the file
+    cluster: bool = False  # cluster mode: -cluster on the command line or Cluster.Enabled: true
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     session_store: SessionStoreConfig = field(default_factory=SessionStoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    cluster_config: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def worker_count(self) -> int:
@@ -287,6 +348,13 @@ _store_type: Final = _choice(tuple(t.value for t in StoreType), StoreType)
 _HOST_NAME: Final = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*")
 
 
+# Node names appear in mesh identities, $SYS topics, key file names and log lines: no wildcards,
+# slashes or spaces. Cluster names follow the same pattern (they travel in mDNS TXT records).
+_NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME_EXPECTED: Final = "1 to 64 letters, digits, '.', '_' or '-' starting with a letter or digit"
+_NODE_NAME: Final = _text(pattern=_NAME_PATTERN, expected=_NAME_EXPECTED)
+
+
 def _listen_address(value: object, key: str) -> str:
     if isinstance(value, str):
         try:
@@ -295,6 +363,140 @@ def _listen_address(value: object, key: str) -> str:
             if _HOST_NAME.fullmatch(value):
                 return str(value)
     raise ConfigError(f"{key}: must be an IP address or host name, got {_show(value)}")
+
+
+def _bind_address(value: object, key: str) -> str:
+    return "" if value == "" else _listen_address(value, key)
+
+
+def _advertise_address(value: object, key: str) -> str:
+    if value == "":
+        return ""
+    address = _listen_address(value, key)
+    if address in ("0.0.0.0", "::"):
+        raise ConfigError(
+            f"{key}: must be an address other nodes can reach, not every interface, got {_show(value)}"
+        )
+    return address
+
+
+# --- lists of peers: Mesh.TcpIp.Members, Mesh.Dns.Names, Mesh.Mdns.Interfaces ---------------------
+
+
+def _list_of(item: Callable[[str, str], str], expected: str) -> Callable[[object, str], tuple[str, ...]]:
+    """A YAML list of strings, each checked by `item` under the key `Key[index]`.
+
+    A string that came from `${VAR}` is a comma-separated list, so that the environment (compose,
+    Kubernetes) can carry a whole list; a plain YAML string is not taken for a list of one.
+    """
+
+    def convert(value: object, key: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, _Expanded):
+            items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise ConfigError(f"{key}: must be a list of {expected}, got {_show(value)}")
+        checked: list[str] = []
+        for index, raw in enumerate(items):
+            path = f"{key}[{index}]"
+            text = _expand_env(raw, path) if isinstance(raw, str) else raw
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}: must be one of {expected} (a string), got {_show(text)}")
+            checked.append(item(str(text), path))
+        return tuple(checked)
+
+    return convert
+
+
+_MEMBER_FORMS: Final = '"host", "host:port", "[IPv6]:port", "a.b.c.d-e" or "name@host[:port]"'
+_IPV4_RANGE: Final = re.compile(r"(\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})-(\d{1,3})")
+_NUMERIC_HOST: Final = re.compile(r"[\d.-]+")
+
+
+def _split_port(text: str, key: str, forms: str) -> tuple[str, str | None]:
+    """(host, port text or None) of "host", "host:port", "[v6]" or "[v6]:port"; the port is checked."""
+    port: str | None = None
+    if text.startswith("["):
+        host, bracket, after = text[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise ConfigError(f"{key}: unbalanced brackets; write {forms}, got {_show(text)}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {host!r} in brackets is not an IPv6 address, got {_show(text)}"
+            ) from None
+        port = after[1:] if after else None
+    elif text.count(":") > 1:
+        raise ConfigError(f"{key}: write IPv6 addresses in brackets, e.g. [fd00::1]:7946, got {_show(text)}")
+    else:
+        host, colon, port_text = text.partition(":")
+        port = port_text if colon else None
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= _MAX_U16):
+        raise ConfigError(f"{key}: the port must be from 1 to 65535, got {_show(text)}")
+    return host, port
+
+
+def _check_host(host: str, text: str, key: str) -> None:
+    """An IPv4 address, an IPv4 range a.b.c.d-e (d <= e <= 255) or a host name."""
+    if ":" in host:  # IPv6, already checked by _split_port
+        return
+    what = "" if host == text else f"{host!r}: "
+    range_match = _IPV4_RANGE.fullmatch(host)
+    if range_match is not None:
+        first, end = range_match.group(1), int(range_match.group(2))
+        try:
+            low = ipaddress.IPv4Address(first).packed[3]
+        except ValueError:
+            raise ConfigError(f"{key}: {first!r} is not an IPv4 address, got {_show(text)}") from None
+        if not low <= end <= 255:
+            raise ConfigError(f"{key}: the range's end must be from {low} to 255, got {_show(text)}")
+    elif _NUMERIC_HOST.fullmatch(host):  # digits, dots and dashes: meant as an address or a range
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {what}not an IPv4 address or range a.b.c.d-e, got {_show(text)}"
+            ) from None
+    elif not _HOST_NAME.fullmatch(host):
+        raise ConfigError(f"{key}: {what}not an IP address or host name, got {_show(text)}")
+
+
+def _member(text: str, key: str) -> str:
+    """One static member; validated only (mesh/discovery/static.py expands it)."""
+    rest = text
+    if "@" in text:
+        name, _, rest = text.partition("@")
+        if not re.fullmatch(_NAME_PATTERN, name):
+            raise ConfigError(f"{key}: the node name before '@' must be {_NAME_EXPECTED}, got {_show(text)}")
+    if not rest:
+        raise ConfigError(f"{key}: no host; write {_MEMBER_FORMS}, got {_show(text)}")
+    host, _ = _split_port(rest, key, _MEMBER_FORMS)
+    _check_host(host, text, key)
+    return text
+
+
+def _dns_name(text: str, key: str) -> str:
+    forms = '"name" or "name:port"'
+    host, _ = _split_port(text, key, forms)
+    if host.startswith("[") or not _HOST_NAME.fullmatch(host) or _IPV4_RANGE.fullmatch(host):
+        raise ConfigError(f"{key}: must be {forms} with a DNS name, got {_show(text)}")
+    return text
+
+
+def _interface_address(text: str, key: str) -> str:
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        address = None
+    if address is None or address.is_unspecified:
+        raise ConfigError(
+            f"{key}: must be the IPv4 address of one of this host's interfaces (not 0.0.0.0), got {_show(text)}"
+        )
+    return str(address)
 
 
 def _logger_levels(value: object, key: str) -> tuple[tuple[str, str], ...]:
@@ -408,6 +610,40 @@ _SESSION_STORE: Final = _Section(
     {"Type": ("type", _store_type), "SQLite": ("sqlite", _SQLITE), "Postgres": ("postgres", _POSTGRES)},
 )
 
+_CURVE: Final = _Section(
+    CurveConfig,
+    {
+        "KeyFile": ("key_file", _text(expected="a file path")),
+        "AllowedKeysDir": ("allowed_keys_dir", _text(expected="a directory path")),
+    },
+)
+
+_TCP_IP: Final = _Section(
+    TcpIpConfig,
+    {"Enabled": ("enabled", _boolean), "Members": ("members", _list_of(_member, _MEMBER_FORMS))},
+)
+
+_MDNS: Final = _Section(
+    MdnsConfig,
+    {
+        "Enabled": ("enabled", _boolean),
+        "Interfaces": (
+            "interfaces",
+            _list_of(_interface_address, "IPv4 addresses of this host's interfaces"),
+        ),
+        "AnnounceIntervalMs": ("announce_interval_ms", _integer(500, 600_000)),
+    },
+)
+
+_DNS: Final = _Section(
+    DnsConfig,
+    {
+        "Enabled": ("enabled", _boolean),
+        "Names": ("names", _list_of(_dns_name, '"name" or "name:port" DNS names')),
+        "RefreshMs": ("refresh_ms", _integer(500, 600_000)),
+    },
+)
+
 _MESH: Final = _Section(
     MeshConfig,
     {
@@ -416,14 +652,27 @@ _MESH: Final = _Section(
         "RecvHwm": ("recv_hwm", _integer(1, 10_000_000)),
         "HeartbeatMs": ("heartbeat_ms", _integer(50, 60_000)),
         "HandoffTimeoutMs": ("handoff_timeout_ms", _integer(100, 600_000)),
+        "ClusterName": ("cluster_name", _NODE_NAME),
+        "Port": ("port", _integer(1, _MAX_U16)),
+        "BindAddress": ("bind_address", _bind_address),
+        "AdvertiseAddress": ("advertise_address", _advertise_address),
+        "PeerHeartbeatMs": ("peer_heartbeat_ms", _integer(50, 60_000)),
+        "SuspectAfterMs": ("suspect_after_ms", _integer(100, 600_000)),
+        "DeadAfterMs": ("dead_after_ms", _integer(200, 600_000)),
+        "Plaintext": ("plaintext", _boolean),
+        "Curve": ("curve", _CURVE),
+        "TcpIp": ("tcp_ip", _TCP_IP),
+        "Mdns": ("mdns", _MDNS),
+        "Dns": ("dns", _DNS),
     },
 )
 
-# Node names appear in mesh identities, $SYS topics and log lines: no wildcards, slashes or spaces.
-_NODE_NAME: Final = _text(
-    pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
-    expected="1 to 64 letters, digits, '.', '_' or '-' starting with a letter or digit",
+_CLUSTER: Final = _Section(
+    ClusterConfig,
+    {"Enabled": ("enabled", _boolean), "ServerReference": ("server_reference", _text())},
+    later=frozenset({"SplitBrainProtection", "MergePolicy"}),
 )
+
 _WORKERS: Final = _integer(0, 1024)
 _TCP_PORT: Final = _integer(0, _MAX_U16)
 
@@ -437,12 +686,40 @@ _TOP: Final = _Section(
         "WorkerPortBase": ("worker_port_base", _integer(0, _MAX_U16 - 1024)),
         "ShutdownGrace": ("shutdown_grace_s", _positive_seconds),
         "MQTT": ("mqtt", _MQTT),
+        "Cluster": ("cluster_config", _CLUSTER),
         "Mesh": ("mesh", _MESH),
         "SessionStore": ("session_store", _SESSION_STORE),
         "Logging": ("logging", _LOGGING),
     },
-    later=frozenset({"Cluster", "Http", "TCPS", "WS", "WSS", "Auth"}),
+    later=frozenset({"Http", "TCPS", "WS", "WSS", "Auth"}),
 )
+
+
+def _check_mesh(mesh: MeshConfig) -> None:
+    """Rules between keys, checked once the whole file is read; each error names the later key."""
+    if mesh.suspect_after_ms <= mesh.peer_heartbeat_ms:
+        raise ConfigError(
+            f"Mesh.SuspectAfterMs: must be greater than Mesh.PeerHeartbeatMs ({mesh.peer_heartbeat_ms}), "
+            f"got {mesh.suspect_after_ms}"
+        )
+    if mesh.dead_after_ms <= mesh.suspect_after_ms:
+        raise ConfigError(
+            f"Mesh.DeadAfterMs: must be greater than Mesh.SuspectAfterMs ({mesh.suspect_after_ms}), "
+            f"got {mesh.dead_after_ms}"
+        )
+    if mesh.mdns.enabled and not mesh.mdns.interfaces:
+        raise ConfigError(
+            "Mesh.Mdns.Interfaces: Mesh.Mdns.Enabled is true, so name the interfaces' IPv4 addresses; "
+            "MeshMQ never announces on every interface by surprise"
+        )
+    if mesh.dns.enabled and not mesh.dns.names:
+        raise ConfigError(
+            "Mesh.Dns.Names: Mesh.Dns.Enabled is true, so give at least one DNS name to resolve"
+        )
+    if mesh.curve.allowed_keys_dir and not mesh.curve.key_file:
+        raise ConfigError(
+            "Mesh.Curve.AllowedKeysDir: needs Mesh.Curve.KeyFile (this node's own .key_secret file)"
+        )
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -471,7 +748,9 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     """Build a `Config` from parsed YAML (`None`, as from an empty file, means all defaults)."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {_show(data)}")
-    return _TOP(data, "")
+    config = _TOP(data, "")
+    _check_mesh(config.mesh)
+    return dataclasses.replace(config, cluster=config.cluster or config.cluster_config.enabled)
 
 
 def load_config(path: str | None) -> Config:
@@ -505,5 +784,6 @@ def with_overrides(
         workers=config.workers if workers is None else _WORKERS(workers, "Workers (-workers)"),
         tcp_port=config.tcp_port if tcp_port is None else _TCP_PORT(tcp_port, "TCP (-port)"),
         logging=logging_config,
-        cluster=config.cluster if cluster is None else cluster,
+        # -cluster switches cluster mode on; it cannot switch off a file's Cluster.Enabled: true.
+        cluster=config.cluster if cluster is None else cluster or config.cluster_config.enabled,
     )

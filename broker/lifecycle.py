@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -108,6 +109,38 @@ class SessionLifecycle:
                 state = session_to_wire(session, now)
             self._forget_session(session)
         self.mesh.handoff(new_worker, client_id, epoch, state)
+
+    def release_to_store(
+        self, client_id: str, epoch: int, clean_start: bool, now: float, done: Callable[[float], None]
+    ) -> None:
+        """A node elsewhere claimed `client_id`: close it here (0x8E) and leave its session in the
+        store, committed before `done`, so that the new node loads exactly what we had."""
+        session = self.sessions.get(client_id)
+        if session is None or session.epoch > epoch:
+            done(now)
+            return
+        self.take_over(session, clean_start, now)
+        if clean_start or not session.persistent:
+            stored = session.stored
+            self._forget_session(session)
+            if stored:
+                self.store.session_removed(client_id, done)
+            else:
+                done(now)
+            return
+        self.store.session_saved(session, done)  # (offline: the connection is gone)
+        self._forget_session(session)
+
+    def recover_node(self, node: str) -> None:
+        """Node `node` died and this worker was chosen: publish the wills it left."""
+
+        def publish(wills: list[tuple[str, Will]], now: float) -> None:
+            if wills:
+                log.warning("publishing %d will(s) of the dead node %s", len(wills), node)
+            for client_id, will in wills:
+                self.publish_server_message(self.will_message(will, client_id, now), now)
+
+        self.store.recover(node, publish)
 
     def deliver_directed(
         self, client_id: str, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float

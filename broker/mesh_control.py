@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from broker.mesh_codec import item_to_message
+from broker.ports import CLAIM_LOST
 from mesh import envelope as env
 from mesh.envelope import CH_SHARED, SessionWire
 from mesh.errors import EnvelopeError
@@ -83,6 +84,8 @@ class ControlPlane:
         def _dispatch(self, channel: bytes, message: env.DataMessage, now: float) -> None: ...
 
         def _apply_shared(self, message: env.SharedUpdate) -> None: ...
+
+        def forget_node(self, node: str) -> None: ...
 
     def claim(
         self,
@@ -153,11 +156,14 @@ class ControlPlane:
         assert core is not None
         kind, body = control.kind, control.body
         if kind == "claimed":
-            client_id, epoch, previous = body
+            client_id, epoch, previous, lost = body
             claim = self.claims.pop(control.req_id, None)
             if claim is None:
                 return
             assert isinstance(epoch, int)
+            if lost:
+                claim.done(CLAIM_LOST, None, now)  # a newer connection on another node won
+                return
             if previous is None or previous == self.index:
                 claim.done(epoch, None, now)
                 return
@@ -171,7 +177,22 @@ class ControlPlane:
         elif kind == "release":
             client_id, epoch, new_index, clean_start = body
             assert isinstance(client_id, str) and isinstance(epoch, int) and isinstance(new_index, int)
-            core.release(client_id, epoch, new_index, bool(clean_start), now)
+            if new_index == 0:
+                # another node claimed it: the session goes to the store, then we say so
+                core.release_to_store(
+                    client_id, epoch, bool(clean_start), now,
+                    lambda now: self._released(client_id, epoch),
+                )
+            else:
+                core.release(client_id, epoch, new_index, bool(clean_start), now)
+        elif kind == "recover":
+            (node,) = body
+            assert isinstance(node, str)
+            core.recover_node(node)
+        elif kind == "deadnode":
+            (node,) = body
+            assert isinstance(node, str)
+            self.forget_node(node)
         elif kind == "synced":
             barrier = self.barriers.pop(control.req_id, None)
             if barrier is not None:
@@ -183,6 +204,9 @@ class ControlPlane:
             (worker,) = body
             assert isinstance(worker, int)
             core.forget_worker(worker)
+
+    def _released(self, client_id: str, epoch: int) -> None:
+        self._control("released", client_id, epoch)
 
     def _finish_barrier(self, barrier: Barrier, now: float) -> None:
         self.sub.unsubscribe(CH_SYNC + barrier.token)

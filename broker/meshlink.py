@@ -39,7 +39,7 @@ from broker.messages import Message
 from broker.protocol.topics import literal_prefix
 from broker.session import SubEntry
 from mesh import envelope as env
-from mesh.envelope import CH_RETAINED, CH_SHARED, Item, SessionWire
+from mesh.envelope import CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED, Item, SessionWire
 from mesh.errors import EnvelopeError
 from mesh.sockets import endpoint
 
@@ -53,6 +53,7 @@ RECV_ITEMS = 2048  # messages from the mesh handled per turn of the event loop b
 MESH_HOLD_S = 0.1  # longest the mesh input waits for clients whose sockets are full
 QOS0_PATIENCE_S = 1.0  # how long an outbox may make no progress before QoS 0 envelopes are dropped
 TIMER_S = 0.05
+REMOTE_SLOT_BASE = 1 << 20  # worker ids of other nodes' workers in the core's shared tables
 POLL_S = 0.002
 
 
@@ -62,7 +63,10 @@ class WorkerMesh(ControlPlane):
         self.index = index
         self.origin = f"w{index}"
         self.loop = loop
-        self.peers = config.worker_count - 1
+        self.cluster = config.cluster
+        # Other processes that must take part in claims and barriers: the other workers, and in a
+        # cluster the relay on behalf of the other nodes (so a single worker asks it too).
+        self.peers = config.worker_count - 1 + int(config.cluster)
         mesh_cfg = config.mesh
         self.handoff_timeout_s = mesh_cfg.handoff_timeout_ms / 1000
         self.core: BrokerCore | None = None
@@ -83,7 +87,7 @@ class WorkerMesh(ControlPlane):
                 self.sub.connect(endpoint(ipc_dir, f"w{other}.pub"))
         self.sub.connect(endpoint(ipc_dir, "relay.pub"))
         self.inbox = env.inbox(index)
-        for channel in (self.inbox, CH_RETAINED, CH_SHARED):
+        for channel in (self.inbox, CH_RETAINED, CH_SHARED, CH_RETAINED_QUIET):
             self.sub.subscribe(channel)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
@@ -93,6 +97,9 @@ class WorkerMesh(ControlPlane):
         self.dealer.connect(endpoint(ipc_dir, "relay.ctl"))
 
         self.local_prefixes: dict[str, int] = {}
+        self.local_filters: dict[str, int] = {}  # cluster: filter -> subscriptions (routes for the relay)
+        self.remote_slots: dict[tuple[str, int], int] = {}  # (node, worker) -> worker id in the core
+        self.slot_names: dict[int, tuple[str, int]] = {}
         self.remote_prefixes: set[str] = set()
         self.interest_cache: dict[str, bool] = {}
         self.batches: dict[str, list[Item]] = {}
@@ -207,7 +214,31 @@ class WorkerMesh(ControlPlane):
         data = env.pack_directed(
             self.origin, self._seq(), client_id, qos, retain, sub_ids, message.topic, item
         )
+        remote = self.slot_names.get(worker)
+        if remote is not None:
+            # a member on another node: its relay turns the channel into that worker's inbox
+            channel = CH_REMOTE + remote[0].encode() + b"/" + str(remote[1]).encode() + b"/"
+            self._send(channel, data, qos > 0)
+            return
         self._send(env.inbox(worker), data, qos > 0)
+
+    def remote_slot(self, node: str, worker: int) -> int:
+        """The core's worker id for a worker of another node (above every local index)."""
+        key = (node, worker)
+        slot = self.remote_slots.get(key)
+        if slot is None:
+            slot = REMOTE_SLOT_BASE + len(self.remote_slots)
+            self.remote_slots[key] = slot
+            self.slot_names[slot] = key
+        return slot
+
+    def forget_node(self, node: str) -> None:
+        core = self.core
+        if core is None:
+            return
+        for (name, _worker), slot in self.remote_slots.items():
+            if name == node:
+                core.forget_worker(slot)
 
     def handoff(self, worker: int, client_id: str, epoch: int, state: SessionWire | None) -> None:
         self._send(
@@ -215,6 +246,22 @@ class WorkerMesh(ControlPlane):
         )
 
     def interest(self, topic_filter: str, delta: int) -> bool:
+        routed = False
+        if self.cluster:
+            # The relay tells the other nodes which filters this node holds (0 <-> 1 per worker).
+            count = self.local_filters.get(topic_filter, 0) + delta
+            if count > 0:
+                self.local_filters[topic_filter] = count
+                if count == 1 and delta > 0:
+                    self._control("route", "+", topic_filter)
+                    routed = True
+            else:
+                self.local_filters.pop(topic_filter, None)
+                if delta < 0:
+                    self._control("route", "-", topic_filter)
+        return self._prefix_interest(topic_filter, delta) or routed
+
+    def _prefix_interest(self, topic_filter: str, delta: int) -> bool:
         prefix = literal_prefix(topic_filter)
         count = self.local_prefixes.get(prefix, 0) + delta
         if count > 0:
@@ -413,6 +460,12 @@ class WorkerMesh(ControlPlane):
                 for item in message.items:
                     core.apply_remote_retained(item_to_message(topic, item, now), now)
                 return
+            if channel == CH_RETAINED_QUIET:
+                # from another node's snapshot: kept if we have none for the topic, never routed
+                for item in message.items:
+                    if not core.retained_for(topic, now):
+                        core.apply_remote_retained(item_to_message(topic, item, now), now, route=False)
+                return
             route = core.route_local
             for item in message.items:
                 route(item_to_message(topic, item, now), now, False)
@@ -440,7 +493,15 @@ class WorkerMesh(ControlPlane):
     def _apply_shared(self, message: env.SharedUpdate) -> None:
         core = self.core
         assert core is not None
-        worker = _worker_of(message.origin)
+        origin = message.origin
+        if "/" in origin:  # a member on another node ("node/wN")
+            node, _, local = origin.rpartition("/")
+            index = _worker_of(local)
+            if index is None:
+                return
+            worker: int | None = self.remote_slot(node, index)
+        else:
+            worker = _worker_of(origin)
         if worker is None or worker == self.index:
             return
         entry = SubEntry(

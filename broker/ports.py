@@ -15,11 +15,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from broker.messages import Message
+from broker.protocol.packets import Will
 from broker.session import Outgoing, Session, SubEntry
 from mesh.envelope import SessionWire
 from store.records import QueuedRecord, SessionRecord
 from store.wire import QueuedTuple
 
+CLAIM_LOST = -1  # the epoch a claim's `done` gets when a newer claim on another node won
 
 class SessionStore(Protocol):
     """Where session state and durable messages go to outlive the worker (the store process).
@@ -33,8 +35,11 @@ class SessionStore(Protocol):
         """A session's durable part changed: subscriptions, expiry, will, online; done(now)
         once the store holds it."""
 
-    def session_removed(self, client_id: str) -> None:
-        """A session ended (clean start, expiry) and its state can go."""
+    def session_removed(self, client_id: str, done: Callable[[float], None] | None = None) -> None:
+        """A session ended (clean start, expiry) and its state can go; done(now) once it is gone."""
+
+    def recover(self, node: str, done: Callable[[list[tuple[str, Will]], float], None]) -> None:
+        """Another node died: mark its sessions offline; done(their wills, now)."""
 
     def session_online(self, session: Session, online: bool) -> None:
         """The session's client connected or went away."""
@@ -129,8 +134,12 @@ class MemorySessionStore:
         if done is not None:
             raise AssertionError("nothing is durable without a store")
 
-    def session_removed(self, client_id: str) -> None:
-        pass
+    def session_removed(self, client_id: str, done: Callable[[float], None] | None = None) -> None:
+        if done is not None:
+            raise AssertionError("nothing is durable without a store")
+
+    def recover(self, node: str, done: Callable[[list[tuple[str, Will]], float], None]) -> None:
+        raise AssertionError("a cluster needs a store")
 
     def session_online(self, session: Session, online: bool) -> None:
         pass

@@ -85,6 +85,9 @@ class StoreLink:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.connect(endpoint(ipc_dir, "store.pub"))
+        if config.cluster:
+            # the other nodes' persistent subscriptions, relayed (mesh/PROTOCOL.md, the cluster plane)
+            self.sub.connect(endpoint(ipc_dir, "relay.pub"))
         self.sub.subscribe(CH_DURABLE)
         self.req_id = 0
         self.waiting: dict[int, Callable[[env.Control, float], None]] = {}
@@ -134,13 +137,7 @@ class StoreLink:
         if self.index != 1:
             return []
         control = await self._ask("recover", (self.node,), patience_s)
-        (wills,) = control.body
-        assert isinstance(wills, tuple)
-        out = []
-        for client_id, will_wire in wills:
-            w = wire.will_from_wire(will_wire)
-            out.append((str(client_id), Will(w.topic, w.payload, w.qos, w.retain, unpack_props(w.props))))
-        return out
+        return _wills(control)
 
     async def _ask(self, kind: str, body: tuple[object, ...], patience_s: float) -> env.Control:
         answer: asyncio.Future[env.Control] = self.loop.create_future()
@@ -227,9 +224,20 @@ class StoreLink:
             "save", (wire.session_to_wire(record),), None if done is None else lambda control, now: done(now)
         )
 
-    def session_removed(self, client_id: str) -> None:
+    def session_removed(self, client_id: str, done: Callable[[float], None] | None = None) -> None:
         self._set_durable(client_id, None)
-        self._request("drop", (client_id,), None)
+        self._request("drop", (client_id,), None if done is None else lambda control, now: done(now))
+
+    def recover(self, node: str, done: Callable[[list[tuple[str, Will]], float], None]) -> None:
+        """Another node died: the store marks its sessions offline and hands out their wills."""
+
+        def answered(control: env.Control, now: float) -> None:
+            if control.kind != "wills":
+                log.error("store: recovering node %s failed: %s", node, control.body)
+                return
+            done(_wills(control), now)
+
+        self._request("recover", (node,), answered)
 
     def session_online(self, session: Session, online: bool) -> None:
         if session.stored:
@@ -436,3 +444,13 @@ class StoreLink:
                 self.buffered.append((str(client_id), subs))
             else:
                 self._apply_dsub(str(client_id), subs)
+
+
+def _wills(control: env.Control) -> list[tuple[str, Will]]:
+    (wills,) = control.body
+    assert isinstance(wills, tuple)
+    out = []
+    for client_id, will_wire in wills:
+        w = wire.will_from_wire(will_wire)
+        out.append((str(client_id), Will(w.topic, w.payload, w.qos, w.retain, unpack_props(w.props))))
+    return out

@@ -33,7 +33,8 @@ from multiprocessing.process import BaseProcess
 from broker.config import Config, StoreType
 from broker.logs import configure_logging
 from broker.worker import die_with_parent, worker_process
-from mesh.relay import RelaySettings
+from mesh.cluster import LinkSettings
+from mesh.relay import ClusterSettings, RelaySettings
 from mesh.relay import run as run_relay_loop
 from mesh.sockets import default_ipc_dir, prepare_ipc_dir
 from store.service import StoreSettings
@@ -69,8 +70,45 @@ def relay_process(config: Config, ipc_dir: str) -> None:
             recv_hwm=config.mesh.recv_hwm,
             send_hwm=config.mesh.send_hwm,
             store=config.session_store.type is not StoreType.MEMORY,
+            node=config.node_name,
+            cluster=cluster_settings(config) if config.cluster else None,
         )
     )
+
+
+def cluster_settings(config: Config) -> ClusterSettings:
+    """The relay's cluster settings from `Mesh` (addresses resolved here, once)."""
+    mesh = config.mesh
+    bind = mesh.bind_address or config.listen_address
+    advertise = mesh.advertise_address
+    if not advertise:
+        unspecified = bind in ("0.0.0.0", "::", "")
+        advertise = bind if not unspecified else _host_address()
+    return ClusterSettings(
+        links=LinkSettings(
+            node=config.node_name,
+            cluster_name=mesh.cluster_name,
+            bind_host=bind,
+            port=mesh.port,
+            advertise_host=advertise,
+            heartbeat_s=mesh.peer_heartbeat_ms / 1000,
+            suspect_after_s=mesh.suspect_after_ms / 1000,
+            dead_after_s=mesh.dead_after_ms / 1000,
+        ),
+        handoff_timeout_ms=mesh.handoff_timeout_ms,
+        mesh_config=mesh,
+        curve_key_file=mesh.curve.key_file,
+        curve_allowed_dir=mesh.curve.allowed_keys_dir,
+        plaintext=mesh.plaintext,
+    )
+
+
+def _host_address() -> str:
+    """The address the host name resolves to (what other nodes most likely reach us at)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def store_process(config: Config, ipc_dir: str) -> None:
@@ -88,6 +126,7 @@ def store_process(config: Config, ipc_dir: str) -> None:
             postgres_password=cfg.postgres.password,
             postgres_schema=cfg.postgres.schema,
             pool_size=cfg.postgres.pool_size,
+            cluster=config.cluster,
         )
     )
 

@@ -106,6 +106,9 @@ VERSION: Final = 1
 CH_RETAINED: Final = b"\x00R"
 CH_SHARED: Final = b"\x00S"
 CH_SYNC: Final = b"\x00Y"  # + token: barrier subscriptions (upstream half of a barrier)
+CH_RETAINED_QUIET: Final = b"\x00r"  # retained from a peer's snapshot: store if absent, never route
+CH_DURABLE: Final = b"\x00D"  # durable-subscription updates (store.pub, and relayed from peers)
+CH_REMOTE: Final = b"\x00N"  # + node + "/" + worker + "/": a shared pick for a worker of another node
 _CH_INBOX: Final = b"\x00W"
 
 
@@ -215,7 +218,7 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "hello": 3,  # [index, incarnation, pid]
         "hb": 2,  # [index, connections]
         "claim": 2,  # [client_id, clean_start]
-        "claimed": 3,  # [client_id, epoch, previous]
+        "claimed": 4,  # [client_id, epoch, previous, lost]
         "release": 4,  # [client_id, epoch, new_index, clean_start]
         "unregister": 2,  # [client_id, epoch]
         "snapshot": 0,  # []
@@ -246,6 +249,10 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "seen": 2,  # worker -> relay [token, index]
         "synced": 1,  # relay -> worker [token]
         "dead": 1,  # relay -> worker [index]: that worker is gone (bye, hello, missed beats)
+        # the cluster (PROTOCOL.md, "The cluster plane")
+        "route": 2,  # worker -> relay [op, filter]
+        "released": 2,  # worker -> relay [client_id, epoch]: a release to the store is committed
+        "deadnode": 1,  # relay -> workers [node]: forget the node's shared members
     }
 )
 

@@ -29,13 +29,27 @@ import msgpack
 import zmq
 
 from mesh import envelope as env
-from mesh.envelope import CH_RETAINED, CH_SHARED, Item
+from mesh.cluster import ClusterLinks, LinkSettings
+from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_SHARED, Item
 from mesh.errors import EnvelopeError
+from mesh.relay_cluster import ClusterRelay, ClusterState
 from mesh.sockets import endpoint
 
 log = logging.getLogger("mesh.relay")
 
 MISSED_BEATS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """The relay's part of `-cluster` (from `Mesh` in the config; see mesh/cluster.py)."""
+
+    links: LinkSettings
+    handoff_timeout_ms: int = 3000
+    mesh_config: object = None  # broker.config.MeshConfig (duck-typed: mesh never imports broker)
+    curve_key_file: str = ""
+    curve_allowed_dir: str = ""
+    plaintext: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,8 @@ class RelaySettings:
     recv_hwm: int = 10_000
     send_hwm: int = 10_000
     store: bool = False  # a store process holds the retained messages of earlier runs
+    node: str = ""
+    cluster: ClusterSettings | None = None
 
 
 @dataclass(slots=True)
@@ -60,6 +76,7 @@ class _Sync:
     req_id: int
     waiting: set[int]
     deadline: float
+    marks: dict[str, int] = field(default_factory=dict)  # peer node -> stream seq it must acknowledge
 
 
 @dataclass(slots=True)
@@ -70,7 +87,7 @@ class RelayState:
     registry: dict[str, tuple[int, int]] = field(default_factory=dict)  # client id -> (worker, epoch)
     epoch: int = field(default_factory=lambda: time.time_ns() // 1000)
     retained: dict[str, tuple[Item, float]] = field(default_factory=dict)
-    shared: dict[tuple[str, str, int, str], env.SharedUpdate] = field(default_factory=dict)
+    shared: dict[tuple[str, str, str, str], env.SharedUpdate] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
     syncs: dict[str, _Sync] = field(default_factory=dict)
     early_seen: dict[str, set[int]] = field(default_factory=dict)
@@ -100,12 +117,13 @@ class RelayState:
         self.workers.pop(worker, None)
         for client_id in [c for c, (w, _) in self.registry.items() if w == worker]:
             del self.registry[client_id]
-        for key in [k for k in self.shared if k[2] == worker]:
+        origin = f"w{worker}"
+        for key in [k for k in self.shared if k[2] == origin]:
             del self.shared[key]
         for sync in self.syncs.values():
             sync.waiting.discard(worker)
 
-    def apply(self, channel: bytes, message: env.DataMessage, now: float) -> None:
+    def apply(self, channel: bytes, message: env.DataMessage, now: float, mark: bool = True) -> None:
         if isinstance(message, env.PublishBatch) and channel == CH_RETAINED:
             for item in message.items:
                 if item[2]:
@@ -113,21 +131,30 @@ class RelayState:
                 else:
                     self.retained.pop(message.topic, None)
         elif isinstance(message, env.SharedUpdate):
-            worker = _worker_of(message.origin)
-            if worker is None:
+            # origin: "wN" for our workers, "node/wN" for a worker of another node
+            if _worker_of(message.origin.rpartition("/")[2]) is None:
                 return
-            key = (message.group, message.topic_filter, worker, message.client_id)
+            key = (message.group, message.topic_filter, message.origin, message.client_id)
             if message.op == "+":
                 self.shared[key] = message
             else:
                 self.shared.pop(key, None)
         else:
             return
-        self.marks[message.origin] = message.seq
+        if mark:
+            self.marks[message.origin] = message.seq
 
     def snapshot(
         self, now: float
     ) -> tuple[dict[str, int], tuple[tuple[str, Item], ...], tuple[tuple[object, ...], ...]]:
+        shared = tuple(
+            (m.origin, m.seq, m.op, m.group, m.topic_filter, m.client_id, m.qos, m.sub_id)
+            for m in self.shared.values()
+        )
+        return dict(self.marks), self.snapshot_retained(now), shared
+
+    def snapshot_retained(self, now: float) -> tuple[tuple[str, Item], ...]:
+        """The retained messages with their remaining lifetimes (expired ones are dropped)."""
         retained: list[tuple[str, Item]] = []
         for topic, (item, stored_at) in list(self.retained.items()):
             expiry_ms = item[5]
@@ -138,11 +165,7 @@ class RelayState:
                     continue
                 item = (*item[:5], left, item[6])
             retained.append((topic, item))
-        shared = tuple(
-            (m.origin, m.seq, m.op, m.group, m.topic_filter, m.client_id, m.qos, m.sub_id)
-            for m in self.shared.values()
-        )
-        return dict(self.marks), tuple(retained), shared
+        return tuple(retained)
 
 
 def _worker_of(origin: str) -> int | None:
@@ -151,10 +174,17 @@ def _worker_of(origin: str) -> int | None:
     return None
 
 
-class Relay:
+class Relay(ClusterRelay):
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
         self.state = RelayState()
+        self.node = settings.node
+        self.cluster = ClusterState()
+        self.links: ClusterLinks | None = None
+        self.authenticator: object | None = None
+        self.pub_outbox: list[list[bytes]] = []
+        cluster = settings.cluster
+        self.handoff_timeout_s = (cluster.handoff_timeout_ms if cluster is not None else 3000) / 1000
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -165,6 +195,8 @@ class Relay:
         self.router.bind(endpoint(settings.ipc_dir, "relay.ctl"))
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.XPUB_NODROP, 1)  # traffic from other nodes: backpressure, not loss
+        self.pub.setsockopt(zmq.SNDHWM, settings.send_hwm)
         self.pub.bind(endpoint(settings.ipc_dir, "relay.pub"))
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -173,7 +205,58 @@ class Relay:
             self.sub.connect(endpoint(settings.ipc_dir, f"w{index}.pub"))
         self.sub.subscribe(CH_RETAINED)
         self.sub.subscribe(CH_SHARED)
+        if cluster is not None:
+            self.sub.subscribe(CH_REMOTE)
+            if settings.store:
+                self.sub.connect(endpoint(settings.ipc_dir, "store.pub"))
+                self.sub.subscribe(CH_DURABLE)
+            self.links = self._open_links(cluster)
         self.running = True
+
+    def _open_links(self, cluster: ClusterSettings) -> ClusterLinks:
+        curve_server = curve_client = None
+        public_key = ""
+        if not cluster.plaintext:
+            from mesh import curve
+
+            keys = curve.load_keys(cluster.curve_key_file, cluster.curve_allowed_dir)
+            public_key = keys.public.decode("ascii")
+            self.authenticator = curve.start_authenticator(self.ctx, keys)
+
+            def curve_server(sock: zmq.Socket[bytes]) -> None:
+                curve.server_socket(sock, keys)
+
+            def curve_client(sock: zmq.Socket[bytes], node: str) -> bool:
+                server_key = keys.public if keys.shared else keys.peers.get(node)
+                if server_key is None:
+                    log.warning("no CURVE key for node %r (per-node keys need its name): not dialled", node)
+                    return False
+                curve.client_socket(sock, keys, server_key)
+                return True
+        else:
+            log.warning(
+                "Mesh.Plaintext: the links to other nodes are NOT encrypted or authenticated; "
+                "use Mesh.Curve on any network you do not fully trust"
+            )
+        links_settings = cluster.links
+        discovery = None
+        if cluster.mesh_config is not None:
+            from mesh.discovery import build_discovery
+
+            incarnation = time.time_ns() // 1000
+            discovery = build_discovery(
+                cluster.mesh_config, self.node, incarnation, links_settings.advertise_host, public_key
+            )
+        links = ClusterLinks(self.ctx, links_settings, self, discovery, curve_server, curve_client)
+        log.info(
+            "cluster %r: node %s listening for nodes on %s:%d (advertised as %s)",
+            links_settings.cluster_name,
+            self.node,
+            links_settings.bind_host,
+            links_settings.port,
+            links_settings.advertise_host,
+        )
+        return links
 
     def load_retained(self, timeout_s: float = 60.0) -> None:
         """Ask the store for the retained messages it keeps (the node restarted)."""
@@ -205,28 +288,74 @@ class Relay:
     def serve(self) -> None:
         if self.settings.store:
             self.load_retained()
+        links = self.links
         poller = zmq.Poller()
         for sock in (self.router, self.sub, self.pub):
             poller.register(sock, zmq.POLLIN)
+        if links is not None:
+            poller.register(links.router, zmq.POLLIN)
         beat_s = self.settings.heartbeat_ms / 1000
         next_check = time.monotonic() + beat_s
+        next_tick = 0.0
         log.info("relay up (pid %d, %d workers)", os.getpid(), self.settings.worker_count)
         while self.running:
-            ready = dict(poller.poll(timeout=int(beat_s * 1000 / 2)))
+            busy = bool(self.pub_outbox) or (links is not None and links.backlogged())
+            timeout_ms = 5 if busy else (20 if links is not None else int(beat_s * 1000 / 2))
+            ready = dict(poller.poll(timeout=timeout_ms))
             now = time.monotonic()
             if self.router in ready:
                 self._drain_router(now)
-            if self.sub in ready:
+            if self.pub_outbox:
+                self._flush_pub()
+            if links is not None:
+                links.flush_outboxes()
+                if links.router in ready and not self.pub_outbox:
+                    links.drain(now)
+                if now >= next_tick:
+                    next_tick = now + 0.02
+                    links.tick(now)
+                    self.cluster_timers(now)
+                    self._complete_syncs(now)
+            sub_ready = self.sub in ready or int(self.sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+            if sub_ready and (links is None or not links.backlogged()):
                 self._drain_sub(now)
             if self.pub in ready:
                 while self.pub.poll(0):
-                    self.pub.recv()  # subscription changes: nothing to do with them yet
+                    self.pub.recv()  # subscription changes of the workers: nothing to do with them
             if now >= next_check:
                 next_check = now + beat_s
                 self._check_liveness(now, beat_s)
+        if links is not None:
+            links.leave()
+            links.flush_outboxes()
+            links.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()  # type: ignore[attr-defined]
         for sock in (self.router, self.sub, self.pub):
             sock.close(0)
         log.info("relay stopped")
+
+    # -- towards our workers -------------------------------------------------------------------------
+
+    def _publish_local(self, parts: list[bytes]) -> None:
+        if self.pub_outbox:
+            self.pub_outbox.append(parts)
+            return
+        try:
+            self.pub.send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            self.pub_outbox.append(parts)
+
+    def _flush_pub(self) -> None:
+        outbox = self.pub_outbox
+        sent = 0
+        for parts in outbox:
+            try:
+                self.pub.send_multipart(parts, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sent += 1
+        del outbox[:sent]
 
     # -- control plane ---------------------------------------------------------------------------
 
@@ -270,20 +399,34 @@ class Relay:
             else:
                 known.last_seen = now
         elif kind == "bye":
-            (index,) = body
-            assert isinstance(index, int)
-            self._worker_gone(index, "left")
+            (leaving,) = body
+            assert isinstance(leaving, int)
+            self._worker_gone(leaving, "left")
         elif kind == "claim" and sender is not None:
             client_id, clean_start = body
             assert isinstance(client_id, str)
             epoch, holder = state.claim(client_id, sender)
-            self._reply(identity, "claimed", req, client_id, epoch, holder)
             if holder is not None and holder != sender:
                 self._reply(f"w{holder}".encode(), "release", 0, client_id, epoch, sender, bool(clean_start))
+            if not self.cluster_claim(identity, req, client_id, epoch, holder, bool(clean_start), now):
+                self._reply(identity, "claimed", req, client_id, epoch, holder, False)
+                if self.links is not None:
+                    self.links.broadcast("reg", (client_id, epoch, sender))
         elif kind == "unregister":
             client_id, ended_epoch = body
             assert isinstance(client_id, str) and isinstance(ended_epoch, int)
+            current = state.registry.get(client_id)
             state.unregister(client_id, ended_epoch)
+            if current is not None and current[1] == ended_epoch:
+                self.cluster_unregister(client_id, ended_epoch)
+        elif kind == "released":
+            released_id, released_epoch = body
+            assert isinstance(released_id, str) and isinstance(released_epoch, int)
+            self.cluster_released(released_id, released_epoch)
+        elif kind == "route" and sender is not None:
+            op, topic_filter = body
+            assert isinstance(op, str) and isinstance(topic_filter, str)
+            self.local_route(sender, op, topic_filter)
         elif kind == "snapshot":
             marks, retained, shared = state.snapshot(now)
             self._reply(identity, "snap", req, marks, retained, shared)
@@ -291,27 +434,31 @@ class Relay:
             (token,) = body
             assert isinstance(token, str)
             waiting = set(state.workers) - {sender} - state.early_seen.pop(token, set())
-            if not waiting:
-                self._reply(identity, "synced", req, token)
-            else:
-                state.syncs[token] = _Sync(identity, req, waiting, now + 2.0)
+            state.syncs[token] = _Sync(identity, req, waiting, now + 2.0, self.sync_marks())
+            self._complete_syncs()
         elif kind == "seen":
-            token, index = body
-            assert isinstance(token, str) and isinstance(index, int)
+            token, seen_by = body
+            assert isinstance(token, str) and isinstance(seen_by, int)
             sync = state.syncs.get(token)
             if sync is None:
-                state.early_seen.setdefault(token, set()).add(index)
+                state.early_seen.setdefault(token, set()).add(seen_by)
                 if len(state.early_seen) > 10_000:
                     state.early_seen.clear()
                 return
-            sync.waiting.discard(index)
+            sync.waiting.discard(seen_by)
             self._complete_syncs()
 
     def _complete_syncs(self, now: float | None = None) -> None:
         for token, sync in list(self.state.syncs.items()):
-            if not sync.waiting or (now is not None and now >= sync.deadline):
-                if sync.waiting:
-                    log.warning("barrier %s completed without workers %s", token, sorted(sync.waiting))
+            done = not sync.waiting and self.marks_reached(sync.marks)
+            if done or (now is not None and now >= sync.deadline):
+                if not done:
+                    log.warning(
+                        "barrier %s completed without workers %s / nodes %s",
+                        token,
+                        sorted(sync.waiting),
+                        sorted(sync.marks),
+                    )
                 del self.state.syncs[token]
                 self._reply(sync.identity, "synced", sync.req_id, token)
 
@@ -319,7 +466,11 @@ class Relay:
         if index not in self.state.workers:
             return
         log.warning("worker %d %s; forgetting its clients and shared members", index, why)
+        gone = [c for c, (w, _) in self.state.registry.items() if w == index]
         self.state.forget(index)
+        for client_id in gone:
+            self.cluster_unregister(client_id, 0)
+        self.forget_worker_routes(index)
         for other in self.state.workers:
             self._reply(f"w{other}".encode(), "dead", 0, index)
         self._complete_syncs()
@@ -330,9 +481,10 @@ class Relay:
                 self._worker_gone(index, f"missed {MISSED_BEATS} heartbeats")
         self._complete_syncs(now)
 
-    # -- data plane (retained, shared members) ---------------------------------------------------
+    # -- data plane (retained, shared members, traffic for other nodes) -------------------------
 
     def _drain_sub(self, now: float) -> None:
+        cluster = self.links is not None
         for _ in range(1024):
             try:
                 channel, data = self.sub.recv_multipart(zmq.NOBLOCK)
@@ -340,10 +492,14 @@ class Relay:
                 return
             except ValueError:
                 continue
-            try:
-                self.state.apply(channel, env.unpack_data(data), now)
-            except EnvelopeError as exc:
-                log.warning("bad envelope on %r dropped: %s", channel[:32], exc)
+            if channel in (CH_RETAINED, CH_SHARED):
+                try:
+                    self.state.apply(channel, env.unpack_data(data), now)
+                except EnvelopeError as exc:
+                    log.warning("bad envelope on %r dropped: %s", channel[:32], exc)
+                    continue
+            if cluster:
+                self.forward_local(channel, data, now)
 
 
 def run(settings: RelaySettings) -> None:

@@ -68,6 +68,7 @@ class StoreSettings:
     postgres_schema: str = "meshmq"
     pool_size: int = 4
     refuse_after_s: float = 1.0
+    cluster: bool = False  # other nodes write the same database: re-read before deciding
 
 
 @dataclass(slots=True)
@@ -220,7 +221,8 @@ class StoreService:
         elif kind == "drop":
             (client_id,) = body
             client_id = str(client_id)
-            self._write([DeleteSession(client_id)], now)
+            # answered after the commit: a session moving to another node is gone before it loads
+            self.writer.submit([DeleteSession(client_id)], self._after_commit(identity, req, "ok"), now)
             self.known.pop(client_id, None)
             if self.subscriptions.pop(client_id, None) is not None:
                 self._broadcast(client_id, None)
@@ -260,6 +262,10 @@ class StoreService:
                 tuple(wire.queued_to_wire(r) for r in queued),
             )
         elif kind == "dsnap":
+            if self.settings.cluster:
+                # other nodes save sessions too: the database, not our cache, has them all
+                self.writer.commit(now, time.monotonic)
+                self.subscriptions = {r.client_id: r.subscriptions for r in self.backend.sessions()}
             self._reply(
                 identity,
                 "dsubs",
@@ -271,7 +277,12 @@ class StoreService:
             )
         elif kind == "recover":
             (node,) = body
-            crashed, self.crashed = [r for r in self.crashed if r.node == node], []
+            if node == self.settings.node:
+                crashed, self.crashed = [r for r in self.crashed if r.node == node], []
+            else:
+                # another node of the cluster died: its sessions that the database still has online
+                self.writer.commit(now, time.monotonic)
+                crashed = [r for r in self.backend.sessions() if r.online and r.node == node]
             wills = [(r.client_id, wire.will_to_wire(r.will)) for r in crashed if r.will is not None]
             ops: list[WriteOp] = [SetOnline(r.client_id, False, r.node, r.epoch, wall) for r in crashed]
             for r in crashed:
@@ -296,15 +307,30 @@ class StoreService:
         return not known.online and known.expiry_s != NEVER_EXPIRES_S and wall >= known.since + known.expiry_s
 
     def _expire(self, client_id: str) -> None:
+        if self.settings.cluster and not self._still_due(client_id):
+            return
         del self.known[client_id]
         self._write([DeleteSession(client_id)], time.monotonic())
         if self.subscriptions.pop(client_id, None) is not None:
             self._broadcast(client_id, None)
 
+    def _still_due(self, client_id: str) -> bool:
+        """In a cluster our `known` may be stale (another node resumed the session): ask the
+        database, and keep what it says."""
+        record = self.backend.load_session(client_id)
+        if record is None:
+            self.known.pop(client_id, None)
+            return False
+        known = _Known(record.online, record.expiry_s, record.updated_at)
+        self.known[client_id] = known
+        return self._due(known, time.time())
+
     def _expire_if_due(self, client_id: str, wall: float) -> bool:
         """A session asked for by a reconnecting client may have expired since the last sweep."""
         known = self.known.get(client_id)
         if known is None or not self._due(known, wall):
+            return False
+        if self.settings.cluster and not self._still_due(client_id):
             return False
         self._expire(client_id)
         self.writer.commit(time.monotonic(), time.monotonic)

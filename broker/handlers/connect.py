@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from broker.handlers.common import is_utf8, refuse_connect
 from broker.mesh_codec import session_from_wire
+from broker.ports import CLAIM_LOST
 from broker.protocol.codec import MAX_PACKET_BYTES
 from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError
@@ -154,6 +155,16 @@ def _claimed(
     state: SessionWire | None,
     now: float,
 ) -> None:
+    if epoch == CLAIM_LOST:
+        # Another node took the client id with a newer connection at the same moment: it wins.
+        if not conn.link_lost:
+            refuse_connect(
+                conn,
+                Reason.SERVER_BUSY if conn.version is V5 else Reason.SERVER_UNAVAILABLE,
+                "client id taken by a newer connection on another node",
+            )
+            core.release_held(conn, now)
+        return
     store = core.store
     if store.enabled and not pending.clean_start:
         # The store holds what a crash (or another node) left of the session: load it first.

@@ -15,6 +15,7 @@ import pytest
 from broker import cli
 from broker.config import Config, LoggingConfig, StoreType
 from broker.logs import configure_logging
+from mesh.curve import generate
 from tools import meshctl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,13 +125,77 @@ def test_cluster_needs_postgres(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().err == "meshmq: cluster mode requires SessionStore.Type: POSTGRES\n"
 
 
-def test_cluster_is_not_available_yet(
+POSTGRES = "SessionStore:\n  Type: POSTGRES\n"
+
+
+def test_cluster_needs_a_key_file_or_plaintext(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_supervisor: list[Config]
 ) -> None:
-    path = write(tmp_path, "SessionStore:\n  Type: POSTGRES\n")
+    path = write(tmp_path, POSTGRES)
     assert cli.main(["--cluster", "-config", path]) == 2
-    assert "cluster mode is not available in this version yet" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "meshmq: cluster mode needs Mesh.Curve.KeyFile (make keys with `meshctl keygen`) "
+        "or Mesh.Plaintext: true\n"
+    )
     assert fake_supervisor == []
+
+
+def test_cluster_enabled_in_the_file_is_cluster_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_supervisor: list[Config]
+) -> None:
+    path = write(tmp_path, "Cluster:\n  Enabled: true\n")
+    assert cli.main(["-config", path]) == 2
+    assert capsys.readouterr().err == "meshmq: cluster mode requires SessionStore.Type: POSTGRES\n"
+    assert fake_supervisor == []
+
+
+def test_cluster_starts_in_plaintext(tmp_path: Path, fake_supervisor: list[Config]) -> None:
+    path = write(tmp_path, POSTGRES + "Mesh:\n  Plaintext: true\n")
+    assert cli.main(["-cluster", "-config", path]) == 0
+    [config] = fake_supervisor
+    assert config.cluster and config.mesh.plaintext
+
+
+def test_cluster_starts_with_a_good_key_file(tmp_path: Path, fake_supervisor: list[Config]) -> None:
+    _, secret_path = generate(str(tmp_path), "cluster")
+    path = write(
+        tmp_path, POSTGRES + f"Cluster:\n  Enabled: true\nMesh:\n  Curve:\n    KeyFile: {secret_path}\n"
+    )
+    assert cli.main(["-config", path]) == 0
+    [config] = fake_supervisor
+    assert config.cluster and config.mesh.curve.key_file == secret_path
+
+
+def test_cluster_refuses_a_key_file_that_does_not_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_supervisor: list[Config]
+) -> None:
+    public_path, _ = generate(str(tmp_path), "cluster")
+    missing = tmp_path / "nope.key_secret"
+    for key_file, problem in ((missing, "no such key file"), (public_path, "holds only a public key")):
+        path = write(tmp_path, POSTGRES + f"Mesh:\n  Plaintext: true\n  Curve:\n    KeyFile: {key_file}\n")
+        assert cli.main(["-cluster", "-config", path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"meshmq: Mesh.Curve: {key_file}: {problem}")
+    assert fake_supervisor == []
+
+
+def test_cluster_refuses_own_key_missing_from_the_allowed_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_supervisor: list[Config]
+) -> None:
+    _, secret_path = generate(str(tmp_path / "own"), "n1")
+    generate(str(tmp_path / "allowed"), "n2")
+    path = write(
+        tmp_path,
+        POSTGRES
+        + f"Mesh:\n  Curve:\n    KeyFile: {secret_path}\n    AllowedKeysDir: {tmp_path / 'allowed'}\n",
+    )
+    assert cli.main(["-cluster", "-config", path]) == 2
+    assert "is not among the allowed keys" in capsys.readouterr().err
+    assert fake_supervisor == []
+
+
+def test_cluster_refusal_outside_cluster_mode_is_none() -> None:
+    assert cli._cluster_refusal(Config(node_name="n")) is None
 
 
 def test_bad_config_through_python_m(tmp_path: Path) -> None:
@@ -220,7 +285,16 @@ def test_meshctl_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("meshctl ")
 
 
-@pytest.mark.parametrize("argv", [[], ["members"], ["health", "--node", "n1"]])
-def test_meshctl_commands_are_not_there_yet(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "meshctl: a command is required"),
+        (["members"], "meshctl: members is not available yet"),
+        (["health", "--node", "n1"], "meshctl: health is not available yet"),
+    ],
+)
+def test_meshctl_commands_are_not_there_yet(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert meshctl.main(argv) == 2
-    assert "the cluster commands arrive with the cluster" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -11,13 +11,19 @@ import pytest
 # _TOP and _Section are the loader's key tables: imported to check that every key is tested.
 from broker.config import (
     _TOP,
+    ClusterConfig,
     Config,
     ConfigError,
+    CurveConfig,
+    DnsConfig,
     LoggingConfig,
+    MdnsConfig,
+    MeshConfig,
     MqttConfig,
     PostgresConfig,
     SqliteConfig,
     StoreType,
+    TcpIpConfig,
     _Section,
     load_config,
     parse_config,
@@ -78,6 +84,26 @@ def test_defaults_are_the_documented_ones() -> None:
         url="postgresql://127.0.0.1:5432/meshmq", user="", password="", schema="meshmq", pool_size=8
     )
     assert c.logging == LoggingConfig(level="INFO", loggers=())
+    assert c.mesh == MeshConfig(
+        ipc_dir="",
+        send_hwm=1000,
+        recv_hwm=1000,
+        heartbeat_ms=1000,
+        handoff_timeout_ms=3000,
+        cluster_name="meshmq",
+        port=7946,
+        bind_address="",
+        advertise_address="",
+        peer_heartbeat_ms=500,
+        suspect_after_ms=1500,
+        dead_after_ms=4000,
+        plaintext=False,
+        curve=CurveConfig(key_file="", allowed_keys_dir=""),
+        tcp_ip=TcpIpConfig(enabled=True, members=()),
+        mdns=MdnsConfig(enabled=False, interfaces=(), announce_interval_ms=5000),
+        dns=DnsConfig(enabled=False, names=(), refresh_ms=5000),
+    )
+    assert c.cluster_config == ClusterConfig(enabled=False, server_reference="")
 
 
 def test_shipped_config_loads_and_gives_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,6 +145,31 @@ GOOD: list[tuple[str, object, str, object]] = [
     ("Mesh.RecvHwm", 500, "mesh.recv_hwm", 500),
     ("Mesh.HeartbeatMs", 50, "mesh.heartbeat_ms", 50),
     ("Mesh.HandoffTimeoutMs", 100, "mesh.handoff_timeout_ms", 100),
+    ("Mesh.ClusterName", "prod-1", "mesh.cluster_name", "prod-1"),
+    ("Mesh.Port", 65535, "mesh.port", 65535),
+    ("Mesh.BindAddress", "127.0.0.3", "mesh.bind_address", "127.0.0.3"),
+    ("Mesh.BindAddress", "", "mesh.bind_address", ""),
+    ("Mesh.AdvertiseAddress", "node-1.lan", "mesh.advertise_address", "node-1.lan"),
+    ("Mesh.AdvertiseAddress", "fd00::1", "mesh.advertise_address", "fd00::1"),
+    ("Mesh.PeerHeartbeatMs", 50, "mesh.peer_heartbeat_ms", 50),
+    ("Mesh.SuspectAfterMs", 1000, "mesh.suspect_after_ms", 1000),
+    ("Mesh.DeadAfterMs", 600_000, "mesh.dead_after_ms", 600_000),
+    ("Mesh.Plaintext", True, "mesh.plaintext", True),
+    ("Mesh.Curve.KeyFile", "/etc/meshmq/cluster.key_secret", "mesh.curve.key_file", "/etc/meshmq/cluster.key_secret"),
+    ("Mesh.Curve.AllowedKeysDir", "", "mesh.curve.allowed_keys_dir", ""),
+    ("Mesh.TcpIp.Enabled", False, "mesh.tcp_ip.enabled", False),
+    ("Mesh.TcpIp.Members", ["192.168.1.100-110", "n2@10.0.0.2:7000", "[fd00::2]"], "mesh.tcp_ip.members",
+     ("192.168.1.100-110", "n2@10.0.0.2:7000", "[fd00::2]")),
+    ("Mesh.TcpIp.Members", None, "mesh.tcp_ip.members", ()),
+    ("Mesh.Mdns.Enabled", False, "mesh.mdns.enabled", False),
+    ("Mesh.Mdns.Interfaces", ["127.0.0.1", "192.168.1.10"], "mesh.mdns.interfaces", ("127.0.0.1", "192.168.1.10")),
+    ("Mesh.Mdns.AnnounceIntervalMs", 500, "mesh.mdns.announce_interval_ms", 500),
+    ("Mesh.Dns.Enabled", False, "mesh.dns.enabled", False),
+    ("Mesh.Dns.Names", ["meshmq-headless", "meshmq:7000"], "mesh.dns.names", ("meshmq-headless", "meshmq:7000")),
+    ("Mesh.Dns.RefreshMs", 600_000, "mesh.dns.refresh_ms", 600_000),
+    ("Cluster.Enabled", True, "cluster_config.enabled", True),
+    ("Cluster.Enabled", True, "cluster", True),
+    ("Cluster.ServerReference", "node-2:1883", "cluster_config.server_reference", "node-2:1883"),
     ("MQTT.MaxConnections", 1, "mqtt.max_connections", 1),
     ("MQTT.MaxPacketSize", 128, "mqtt.max_packet_bytes", 128),
     ("MQTT.MaxInflight", 65535, "mqtt.max_inflight", 65535),
@@ -179,6 +230,31 @@ BAD: list[tuple[str, object, str, str]] = [
     ("Mesh.RecvHwm", "x", "an integer from 1 to 10000000", "'x'"),
     ("Mesh.HeartbeatMs", 10, "an integer from 50 to 60000", "10"),
     ("Mesh.HandoffTimeoutMs", 50, "an integer from 100 to 600000", "50"),
+    ("Mesh.ClusterName", "a b", "letters, digits", "'a b'"),
+    ("Mesh.Port", 0, "an integer from 1 to 65535", "0"),
+    ("Mesh.BindAddress", "no spaces", "an IP address or host name", "'no spaces'"),
+    ("Mesh.BindAddress", None, "an IP address or host name", "null"),
+    ("Mesh.AdvertiseAddress", "0.0.0.0", "an address other nodes can reach", "'0.0.0.0'"),
+    ("Mesh.AdvertiseAddress", "::", "an address other nodes can reach", "'::'"),
+    ("Mesh.AdvertiseAddress", "a_b", "an IP address or host name", "'a_b'"),
+    ("Mesh.PeerHeartbeatMs", 49, "an integer from 50 to 60000", "49"),
+    ("Mesh.SuspectAfterMs", 99, "an integer from 100 to 600000", "99"),
+    ("Mesh.DeadAfterMs", 600_001, "an integer from 200 to 600000", "600001"),
+    ("Mesh.Plaintext", "yes", "true or false", "'yes'"),
+    ("Mesh.Curve.KeyFile", 5, "a file path", "5"),
+    ("Mesh.Curve.AllowedKeysDir", 5, "a directory path", "5"),
+    ("Mesh.TcpIp.Enabled", "true", "true or false", "'true'"),
+    ("Mesh.TcpIp.Members", 5, "a list of", "5"),
+    ("Mesh.TcpIp.Members", "10.0.0.1", "a list of", "'10.0.0.1'"),
+    ("Mesh.Mdns.Enabled", 1, "true or false", "1"),
+    ("Mesh.Mdns.Interfaces", "eth0", "a list of IPv4 addresses", "'eth0'"),
+    ("Mesh.Mdns.AnnounceIntervalMs", 499, "an integer from 500 to 600000", "499"),
+    ("Mesh.Dns.Enabled", "no", "true or false", "'no'"),
+    ("Mesh.Dns.Names", {"a": 1}, "a list of", "a mapping"),
+    ("Mesh.Dns.RefreshMs", 600_001, "an integer from 500 to 600000", "600001"),
+    ("Mesh.Curve", ["x"], "a mapping", "a list"),
+    ("Cluster.Enabled", "yes", "true or false", "'yes'"),
+    ("Cluster.ServerReference", 5, "a string", "5"),
     ("MQTT.MaxConnections", 0, "an integer >= 1", "0"),
     ("MQTT.MaxPacketSize", 127, "an integer from 128 to 268435455", "127"),
     ("MQTT.MaxPacketSize", 268_435_456, "an integer from 128 to 268435455", "268435456"),
@@ -265,14 +341,211 @@ def test_unknown_nested_key() -> None:
     )
 
 
-@pytest.mark.parametrize("section", ["Cluster", "Http", "TCPS", "WS", "WSS", "Auth"])
+@pytest.mark.parametrize(
+    "section", ["Http", "TCPS", "WS", "WSS", "Auth", "Cluster.SplitBrainProtection", "Cluster.MergePolicy"]
+)
 def test_sections_of_later_versions_are_refused(section: str) -> None:
-    message = error_of({section: {}})
+    message = error_of(nested(section, {}))
     assert message.startswith(f"{section}: unknown key (not supported in this version yet)")
 
 
 def test_top_level_must_be_a_mapping() -> None:
     assert error_of(["MQTT"]) == "<config>: the top level must be a mapping of keys to values, got a list"
+
+
+# --- cluster keys: list items, rules between keys, cluster mode ----------------------------------
+
+GOOD_MEMBERS = [
+    "10.0.0.1",
+    "10.0.0.1:7000",
+    "node-2.lan",
+    "node-2.lan:1",
+    "localhost:65535",
+    "[::1]",
+    "[fd00::2]:7946",
+    "192.168.1.100-110",
+    "192.168.1.0-255",
+    "192.168.1.7-7:7000",
+    "n2@10.0.0.2",
+    "node-2.lab_a@[fd00::2]:7946",
+    "n3@192.168.1.1-9",
+]
+
+
+@pytest.mark.parametrize("member", GOOD_MEMBERS)
+def test_member_syntax_is_accepted_as_written(member: str) -> None:
+    assert parse_config(nested("Mesh.TcpIp.Members", ["10.9.9.9", member])).mesh.tcp_ip.members == (
+        "10.9.9.9",
+        member,
+    )
+
+
+BAD_MEMBERS = [
+    ("", "no host"),
+    ("n1@", "no host"),
+    ("@10.0.0.1", "the node name before '@' must be"),
+    ("a b@10.0.0.1", "the node name before '@' must be"),
+    ("10.0.0.1:0", "the port must be from 1 to 65535"),
+    ("10.0.0.1:65536", "the port must be from 1 to 65535"),
+    ("10.0.0.1:", "the port must be from 1 to 65535"),
+    ("host:http", "the port must be from 1 to 65535"),
+    ("::1", "write IPv6 addresses in brackets"),
+    ("fd00::1:7946", "write IPv6 addresses in brackets"),
+    ("[::1", "unbalanced brackets"),
+    ("[::1]7946", "unbalanced brackets"),
+    ("[10.0.0.1]:7946", "'10.0.0.1' in brackets is not an IPv6 address"),
+    ("10.0.0.256", "not an IPv4 address or range"),
+    ("10.0.0", "not an IPv4 address or range"),
+    ("10.0.0.110-100", "the range's end must be from 110 to 255"),
+    ("10.0.0.1-256", "the range's end must be from 1 to 255"),
+    ("10.0.0.300-310", "'10.0.0.300' is not an IPv4 address"),
+    ("10.0.0.1-5-9", "not an IPv4 address or range"),
+    ("host_name", "not an IP address or host name"),
+    ("-host", "not an IP address or host name"),
+]
+
+
+@pytest.mark.parametrize(("member", "problem"), BAD_MEMBERS)
+def test_bad_member_names_the_key_with_its_index(member: str, problem: str) -> None:
+    message = error_of(nested("Mesh.TcpIp.Members", ["10.0.0.1", "10.0.0.2", member]))
+    assert message.startswith(f"Mesh.TcpIp.Members[2]: {problem}")
+    assert message.endswith(f"got {member!r}")
+
+
+def test_member_that_is_not_a_string() -> None:
+    assert error_of(nested("Mesh.TcpIp.Members", [7946])) == (
+        'Mesh.TcpIp.Members[0]: must be one of "host", "host:port", "[IPv6]:port", "a.b.c.d-e" or '
+        '"name@host[:port]" (a string), got 7946'
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "item", "problem"),
+    [
+        ("Mesh.Mdns.Interfaces", "eth0", "must be the IPv4 address of one of this host's interfaces"),
+        ("Mesh.Mdns.Interfaces", "0.0.0.0", "(not 0.0.0.0)"),
+        ("Mesh.Mdns.Interfaces", "::1", "must be the IPv4 address"),
+        ("Mesh.Dns.Names", "a b", "with a DNS name"),
+        ("Mesh.Dns.Names", "svc:0", "the port must be from 1 to 65535"),
+        ("Mesh.Dns.Names", "10.0.0.1-9", "with a DNS name"),
+        ("Mesh.Dns.Names", "[::1]", "with a DNS name"),
+    ],
+)
+def test_bad_list_item_names_the_key_with_its_index(key: str, item: str, problem: str) -> None:
+    message = error_of(nested(key, ["127.0.0.1", item]))
+    assert message.startswith(f"{key}[1]: ")
+    assert problem in message
+    assert message.endswith(f"got {item!r}")
+
+
+def test_list_items_expand_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHMQ_TEST_PEER", "10.0.0.7")
+    c = parse_config(nested("Mesh.TcpIp.Members", ["${MESHMQ_TEST_PEER}:7000", "n9@${MESHMQ_TEST_PEER}"]))
+    assert c.mesh.tcp_ip.members == ("10.0.0.7:7000", "n9@10.0.0.7")
+    monkeypatch.delenv("MESHMQ_TEST_PEER")
+    assert error_of(nested("Mesh.TcpIp.Members", ["x", "${MESHMQ_TEST_PEER}"])).startswith(
+        "Mesh.TcpIp.Members[1]: environment variable MESHMQ_TEST_PEER is not set"
+    )
+
+
+def test_a_list_from_one_env_var_is_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHMQ_TEST_MEMBERS", "10.0.0.1, 10.0.0.2:7000,,n3@h3")
+    c = parse_config(nested("Mesh.TcpIp.Members", "${MESHMQ_TEST_MEMBERS}"))
+    assert c.mesh.tcp_ip.members == ("10.0.0.1", "10.0.0.2:7000", "n3@h3")
+    monkeypatch.setenv("MESHMQ_TEST_MEMBERS", "")
+    assert parse_config(nested("Mesh.TcpIp.Members", "${MESHMQ_TEST_MEMBERS}")).mesh.tcp_ip.members == ()
+    monkeypatch.setenv("MESHMQ_TEST_MEMBERS", "10.0.0.1,10.0.0.999")
+    assert error_of(nested("Mesh.TcpIp.Members", "${MESHMQ_TEST_MEMBERS}")).startswith(
+        "Mesh.TcpIp.Members[1]: "
+    )
+
+
+@pytest.mark.parametrize(
+    ("mesh", "message"),
+    [
+        (
+            {"PeerHeartbeatMs": 1500},
+            "Mesh.SuspectAfterMs: must be greater than Mesh.PeerHeartbeatMs (1500), got 1500",
+        ),
+        (
+            {"SuspectAfterMs": 4000},
+            "Mesh.DeadAfterMs: must be greater than Mesh.SuspectAfterMs (4000), got 4000",
+        ),
+        (
+            {"PeerHeartbeatMs": 100, "SuspectAfterMs": 300, "DeadAfterMs": 200},
+            "Mesh.DeadAfterMs: must be greater than Mesh.SuspectAfterMs (300), got 200",
+        ),
+        (
+            {"Mdns": {"Enabled": True}},
+            "Mesh.Mdns.Interfaces: Mesh.Mdns.Enabled is true, so name the interfaces' IPv4 addresses; "
+            "MeshMQ never announces on every interface by surprise",
+        ),
+        (
+            {"Mdns": {"Enabled": True, "Interfaces": []}},
+            "Mesh.Mdns.Interfaces: Mesh.Mdns.Enabled is true, so name the interfaces' IPv4 addresses; "
+            "MeshMQ never announces on every interface by surprise",
+        ),
+        (
+            {"Dns": {"Enabled": True}},
+            "Mesh.Dns.Names: Mesh.Dns.Enabled is true, so give at least one DNS name to resolve",
+        ),
+        (
+            {"Curve": {"AllowedKeysDir": "/etc/meshmq/nodes"}},
+            "Mesh.Curve.AllowedKeysDir: needs Mesh.Curve.KeyFile (this node's own .key_secret file)",
+        ),
+    ],
+)
+def test_rules_between_keys_name_the_key(mesh: dict[str, Any], message: str) -> None:
+    assert error_of({"Mesh": mesh}) == message
+
+
+def test_keys_that_satisfy_the_rules_together() -> None:
+    c = parse_config(
+        {
+            "Mesh": {
+                "PeerHeartbeatMs": 200,
+                "SuspectAfterMs": 600,
+                "DeadAfterMs": 1500,
+                "Mdns": {"Enabled": True, "Interfaces": ["127.0.0.1"]},
+                "Dns": {"Enabled": True, "Names": ["meshmq-headless"]},
+                "Curve": {"KeyFile": "/k/n1.key_secret", "AllowedKeysDir": "/k/nodes"},
+            }
+        }
+    )
+    assert (c.mesh.peer_heartbeat_ms, c.mesh.suspect_after_ms, c.mesh.dead_after_ms) == (200, 600, 1500)
+    assert c.mesh.mdns.enabled and c.mesh.dns.enabled
+    assert c.mesh.curve == CurveConfig(key_file="/k/n1.key_secret", allowed_keys_dir="/k/nodes")
+
+
+def test_cluster_mode_from_the_file_or_the_command_line() -> None:
+    from_file = parse_config(nested("Cluster.Enabled", True))
+    assert from_file.cluster
+    assert with_overrides(from_file).cluster
+    assert with_overrides(from_file, cluster=False).cluster  # -cluster cannot switch the file's off
+    plain = parse_config({})
+    assert not plain.cluster and not with_overrides(plain, cluster=False).cluster
+    assert with_overrides(plain, cluster=True).cluster
+    assert not parse_config(nested("Cluster.Enabled", False)).cluster
+
+
+def test_cluster_yaml_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "Cluster:\n  Enabled: true\n  ServerReference: other:1883\n"
+        "Mesh:\n  ClusterName: lab\n  Port: 7000\n  BindAddress: 127.0.0.2\n  Plaintext: true\n"
+        "  TcpIp:\n    Members:\n      - 127.0.0.1-3\n      - n4@127.0.0.4:7001\n"
+        "  Mdns:\n    Enabled: true\n    Interfaces: [127.0.0.1]\n"
+    )
+    c = load_config(str(path))
+    assert (c.cluster, c.cluster_config.server_reference) == (True, "other:1883")
+    assert (c.mesh.cluster_name, c.mesh.port, c.mesh.bind_address, c.mesh.plaintext) == (
+        "lab",
+        7000,
+        "127.0.0.2",
+        True,
+    )
+    assert c.mesh.tcp_ip.members == ("127.0.0.1-3", "n4@127.0.0.4:7001")
+    assert c.mesh.mdns.interfaces == ("127.0.0.1",)
 
 
 # --- files ------------------------------------------------------------------------------------

@@ -323,8 +323,8 @@ def test_control_round_trip(control: Control) -> None:
 
 def test_control_examples() -> None:
     assert unpack_control(pack_control("hello", 1, 3, 2, 4242)) == Control("hello", 1, (3, 2, 4242))
-    assert unpack_control(pack_control("claimed", 9, "c1", 17, None)) == Control(
-        "claimed", 9, ("c1", 17, None)
+    assert unpack_control(pack_control("claimed", 9, "c1", 17, None, False)) == Control(
+        "claimed", 9, ("c1", 17, None, False)
     )
     assert unpack_control(pack_control("snapshot", 2)) == Control("snapshot", 2, ())
     assert unpack_control(pack_control("bye", 3, 4)) == Control("bye", 3, (4,))
@@ -337,7 +337,7 @@ def test_control_kinds_table() -> None:
         "hello": 3,
         "hb": 2,
         "claim": 2,
-        "claimed": 3,
+        "claimed": 4,
         "release": 4,
         "unregister": 2,
         "snapshot": 0,
@@ -347,6 +347,9 @@ def test_control_kinds_table() -> None:
         "seen": 2,
         "synced": 1,
         "dead": 1,
+        "route": 2,
+        "released": 2,
+        "deadnode": 1,
         # the store plane
         "save": 1,
         "ok": 0,

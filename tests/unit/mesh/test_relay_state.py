@@ -123,7 +123,7 @@ def test_forget_drops_the_workers_clients_shared_members_and_barrier_waits() -> 
     state.forget(1)
     assert not state.alive(1)
     assert set(state.registry) == {"on2"}
-    assert [key[2] for key in state.shared] == [2]
+    assert [key[2] for key in state.shared] == ["w2"]
     assert state.syncs["t"].waiting == {2}
     assert state.syncs["u"].waiting == set()  # complete now (the Relay answers it)
 
@@ -178,9 +178,9 @@ def test_apply_shared_join_change_leave_with_marks() -> None:
     state.apply(CH_SHARED, shared("w1", 2, "+", "c", qos=2), 0.0)  # changed options: replaces
     state.apply(CH_SHARED, shared("w2", 5, "+", "d"), 0.0)
     assert len(state.shared) == 2
-    assert state.shared[("g", "a/+", 1, "c")].qos == 2
+    assert state.shared[("g", "a/+", "w1", "c")].qos == 2
     state.apply(CH_SHARED, shared("w1", 3, "-", "c"), 0.0)
-    assert list(state.shared) == [("g", "a/+", 2, "d")]
+    assert list(state.shared) == [("g", "a/+", "w2", "d")]
     state.apply(CH_SHARED, shared("w1", 4, "-", "nobody"), 0.0)
     assert state.marks == {"w1": 4, "w2": 5}
 
