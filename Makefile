@@ -54,10 +54,12 @@ run: $(INSTALLED)
 # Debian packages the end-to-end tests use; installed only when one of them is missing.
 system-deps:
 	@if [ -x /usr/sbin/mosquitto ] && command -v mosquitto_pub >/dev/null \
-	    && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then :; else \
-	  echo "installing Debian packages: mosquitto mosquitto-clients postgresql"; \
+	    && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+	    && command -v nft >/dev/null && command -v ip >/dev/null; then :; else \
+	  echo "installing Debian packages: mosquitto mosquitto-clients postgresql nftables iproute2"; \
 	  $(SUDO) apt-get update && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients postgresql; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients postgresql \
+	    nftables iproute2; \
 	fi
 
 # Exit status 5 (no tests collected) fails like any other non-zero status; it gets its own line.

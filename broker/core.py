@@ -30,7 +30,7 @@ from broker.metrics import Counters
 from broker.ports import ClientIdSource, MemorySessionStore, MeshPort, NoMesh, SessionStore, random_client_id
 from broker.protocol.connection import ConnectionState, Link, ServerConnection
 from broker.protocol.errors import MQTTError, UnsupportedProtocolVersion
-from broker.protocol.packets import Packet
+from broker.protocol.packets import Packet, Properties
 from broker.protocol.reasons import Reason
 from broker.routing.retained import RetainedTree
 from broker.routing.shared import SharedChoice
@@ -206,9 +206,17 @@ class BrokerCore(SessionLifecycle, Delivery):
                 self._add_timer(session.expires_at, session.client_id, "expiry")
             self.store.session_online(session, False)
 
-    def shutdown(self) -> None:
-        """Drain: tell 5.0 clients the server is shutting down [MQTT-4.13 / 0x8B] and close all."""
+    def shutdown(self, server_reference: str = "") -> None:
+        """Drain: tell 5.0 clients the server is shutting down [MQTT-4.13 / 0x8B] and close all;
+        with a server reference (a cluster node), 0x9C "use another server" and where to go."""
         self.stopping = True
+        reference = server_reference
+        if reference:
+            # A cluster node that drains sends its clients to another server [MQTT-4.11 0x9C]
+            moved = Properties(server_reference=reference)  # [MQTT-3.14.2.2.5]
+            for conn in list(self.connections):
+                conn.close("server shutting down, use another server", Reason.USE_ANOTHER_SERVER, moved)
+            return
         for conn in list(self.connections):
             conn.close("server shutting down", Reason.SERVER_SHUTTING_DOWN)
 

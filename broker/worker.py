@@ -93,7 +93,7 @@ class Worker:
         """Close listeners first, then tell clients and close them; bounded by the grace time."""
         for server in self.servers:
             server.close()
-        self.core.shutdown()
+        self.core.shutdown(self.config.cluster_config.server_reference if self.config.cluster else "")
         self.core.flush()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(self.config.shutdown_grace_s - 1.0, 0.5)
