@@ -87,6 +87,8 @@ class ControlPlane:
 
         def forget_node(self, node: str) -> None: ...
 
+        def _resend_routes(self) -> None: ...
+
     def claim(
         self,
         client_id: str,
@@ -189,6 +191,8 @@ class ControlPlane:
             (node,) = body
             assert isinstance(node, str)
             core.recover_node(node)
+        elif kind == "resync":
+            self._resend_routes()
         elif kind == "deadnode":
             (node,) = body
             assert isinstance(node, str)

@@ -39,7 +39,7 @@ from broker.messages import Message
 from broker.protocol.topics import literal_prefix
 from broker.session import SubEntry
 from mesh import envelope as env
-from mesh.envelope import CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED, Item, SessionWire
+from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED, Item, SessionWire
 from mesh.errors import EnvelopeError
 from mesh.sockets import endpoint
 
@@ -53,7 +53,10 @@ RECV_ITEMS = 2048  # messages from the mesh handled per turn of the event loop b
 MESH_HOLD_S = 0.1  # longest the mesh input waits for clients whose sockets are full
 QOS0_PATIENCE_S = 1.0  # how long an outbox may make no progress before QoS 0 envelopes are dropped
 TIMER_S = 0.05
-REMOTE_SLOT_BASE = 1 << 20  # worker ids of other nodes' workers in the core's shared tables
+REMOTE_SLOT_BASE = 1 << 20
+# Channels a worker's SUB sees when it subscribes to every topic but must not handle: durable-
+# subscription updates (the store link reads them) and shared picks for other nodes (the relay).
+_NOT_OURS = frozenset({CH_DURABLE, CH_REMOTE})  # worker ids of other nodes' workers in the core's shared tables
 POLL_S = 0.002
 
 
@@ -261,6 +264,12 @@ class WorkerMesh(ControlPlane):
                     self._control("route", "-", topic_filter)
         return self._prefix_interest(topic_filter, delta) or routed
 
+    def _resend_routes(self) -> None:
+        log.warning("worker %d: the relay restarted; sending it our %d route(s) again", self.index,
+                    len(self.local_filters))
+        for topic_filter in self.local_filters:
+            self._control("route", "+", topic_filter)
+
     def _prefix_interest(self, topic_filter: str, delta: int) -> bool:
         prefix = literal_prefix(topic_filter)
         count = self.local_prefixes.get(prefix, 0) + delta
@@ -434,6 +443,8 @@ class WorkerMesh(ControlPlane):
                 core.counters.mesh_bad_envelopes += 1
                 continue
             core.counters.mesh_envelopes_received += 1
+            if channel[:2] in _NOT_OURS:
+                continue  # seen through a "#" subscription: the store link's or the relay's business
             try:
                 message = env.unpack_data(data)
             except EnvelopeError as exc:

@@ -396,6 +396,9 @@ class Relay(ClusterRelay):
             if known is None or known.incarnation != incarnation:
                 log.info("worker %d joined (incarnation %d)", index, incarnation)
                 state.workers[index] = _Worker(incarnation, now)
+                if kind == "hb" and self.links is not None:
+                    # a worker we never heard say hello: we restarted, and lost what it told us
+                    self._reply(identity, "resync", 0)
             else:
                 known.last_seen = now
         elif kind == "bye":
