@@ -108,6 +108,7 @@ class ClusterLinks:
         self._acked_sent: dict[str, tuple[int, int]] = {}
         self._alive_view: list[str] = []
         self._next_hb = 0.0
+        self._next_discovery = 0.0
         self.router = ctx.socket(zmq.ROUTER)
         _tune(self.router, settings)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -214,7 +215,8 @@ class ClusterLinks:
     # -- heartbeats, discovery, ageing --------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        if self.discovery is not None:
+        if self.discovery is not None and now >= self._next_discovery:
+            self._next_discovery = now + self.settings.heartbeat_s
             for candidate in self.discovery.poll(now):
                 host, port = str(getattr(candidate, "host", "")), int(getattr(candidate, "port", 0))
                 name = str(getattr(candidate, "node", "") or "")
