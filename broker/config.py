@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import yaml
 
+from mesh.discovery.static import parse_member
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -440,42 +442,12 @@ def _split_port(text: str, key: str, forms: str) -> tuple[str, str | None]:
     return host, port
 
 
-def _check_host(host: str, text: str, key: str) -> None:
-    """An IPv4 address, an IPv4 range a.b.c.d-e (d <= e <= 255) or a host name."""
-    if ":" in host:  # IPv6, already checked by _split_port
-        return
-    what = "" if host == text else f"{host!r}: "
-    range_match = _IPV4_RANGE.fullmatch(host)
-    if range_match is not None:
-        first, end = range_match.group(1), int(range_match.group(2))
-        try:
-            low = ipaddress.IPv4Address(first).packed[3]
-        except ValueError:
-            raise ConfigError(f"{key}: {first!r} is not an IPv4 address, got {_show(text)}") from None
-        if not low <= end <= 255:
-            raise ConfigError(f"{key}: the range's end must be from {low} to 255, got {_show(text)}")
-    elif _NUMERIC_HOST.fullmatch(host):  # digits, dots and dashes: meant as an address or a range
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ConfigError(
-                f"{key}: {what}not an IPv4 address or range a.b.c.d-e, got {_show(text)}"
-            ) from None
-    elif not _HOST_NAME.fullmatch(host):
-        raise ConfigError(f"{key}: {what}not an IP address or host name, got {_show(text)}")
-
-
 def _member(text: str, key: str) -> str:
-    """One static member; validated only (mesh/discovery/static.py expands it)."""
-    rest = text
-    if "@" in text:
-        name, _, rest = text.partition("@")
-        if not re.fullmatch(_NAME_PATTERN, name):
-            raise ConfigError(f"{key}: the node name before '@' must be {_NAME_EXPECTED}, got {_show(text)}")
-    if not rest:
-        raise ConfigError(f"{key}: no host; write {_MEMBER_FORMS}, got {_show(text)}")
-    host, _ = _split_port(rest, key, _MEMBER_FORMS)
-    _check_host(host, text, key)
+    """One static member, checked by the parser that expands it (mesh/discovery/static.py)."""
+    try:
+        parse_member(text, 1)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}; write {_MEMBER_FORMS}") from None
     return text
 
 
