@@ -131,6 +131,12 @@ class SessionLifecycle:
         self.store.session_saved(session, done)  # (offline: the connection is gone)
         self._forget_session(session)
 
+    def reassert_online(self) -> None:
+        """A node that took our sessions for dead is back: the store hears they are online."""
+        for session in self.sessions.values():
+            if session.connection is not None and session.stored:
+                self.store.session_online(session, True)
+
     def recover_node(self, node: str) -> None:
         """Node `node` died and this worker was chosen: publish the wills it left."""
 

@@ -191,6 +191,8 @@ class ControlPlane:
             (node,) = body
             assert isinstance(node, str)
             core.recover_node(node)
+        elif kind == "reassert":
+            core.reassert_online()
         elif kind == "resync":
             self._resend_routes()
         elif kind == "deadnode":

@@ -253,6 +253,7 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "route": 2,  # worker -> relay [op, filter]
         "released": 2,  # worker -> relay [client_id, epoch]: a release to the store is committed
         "deadnode": 1,  # relay -> workers [node]: forget the node's shared members
+        "reassert": 0,  # relay -> worker []: a node that recovered our sessions is back: mark ours online
         "resync": 0,  # relay -> worker []: the relay restarted: send your routes again
     }
 )

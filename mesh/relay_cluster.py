@@ -68,6 +68,8 @@ class ClusterState:
     remote_clients: dict[str, tuple[str, int]] = field(default_factory=dict)  # client -> (node, epoch)
     claims: dict[str, PendingClaim] = field(default_factory=dict)
     releasing: dict[str, Releasing] = field(default_factory=dict)
+    declared_dead: set[str] = field(default_factory=set)  # nodes we declared DEAD (their sessions recovered)
+    streams_seen: set[tuple[str, int]] = field(default_factory=set)  # (node, incarnation) that sent us a stream
 
 
 class ClusterRelay:
@@ -211,6 +213,11 @@ class ClusterRelay:
         """Our snapshot at the start of a stream to the peer (PROTOCOL.md)."""
         links = self.links
         assert links is not None
+        if peer.name in self.cluster.declared_dead:
+            # A node we declared dead is back (a cut healed): it may have declared us dead too
+            # and marked our sessions offline meanwhile; our workers write the online ones again.
+            self.cluster.declared_dead.discard(peer.name)
+            self._reassert()
         for topic_filter in self.cluster.local_routes:
             links.send(peer, "route", ("+", topic_filter))
         for client_id, (worker, epoch) in self.state.registry.items():
@@ -227,6 +234,16 @@ class ClusterRelay:
 
     def peer_reset(self, peer: Peer) -> None:
         self._drop_node_state(peer.name)
+        key = (peer.name, peer.incarnation)
+        if key in self.cluster.streams_seen:
+            # the same life of the node restarted its stream to us: it lost us for a while (it
+            # may have declared us dead and recovered our sessions)
+            self._reassert()
+        self.cluster.streams_seen.add(key)
+
+    def _reassert(self) -> None:
+        for index in self.state.workers:
+            self._reply(f"w{index}".encode(), "reassert", 0)
 
     def peer_gone(self, peer: Peer, why: State) -> None:
         self._drop_node_state(peer.name)
@@ -239,6 +256,7 @@ class ClusterRelay:
                 del self.cluster.releasing[client_id]
         self._complete_syncs()
         if why is State.DEAD and self.links is not None:
+            self.cluster.declared_dead.add(peer.name)
             chosen = survivor(peer.name, self.links.alive())
             if chosen == self.node:
                 log.warning("node %s is dead: recovering its wills and sessions here", peer.name)

@@ -350,6 +350,8 @@ def test_control_kinds_table() -> None:
         "route": 2,
         "released": 2,
         "deadnode": 1,
+        "reassert": 0,
+        "resync": 0,
         # the store plane
         "save": 1,
         "ok": 0,
