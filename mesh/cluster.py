@@ -36,6 +36,7 @@ log = logging.getLogger("mesh.cluster")
 
 VERSION = 1
 RESEND_PAUSE_S = 0.2
+NO_ANSWER_S = 10.0  # a candidate that never answered this long is reported once
 DEALER_HWM = 100_000  # frames queued in libzmq per peer before our outbox takes over
 BUFFER_LIMIT = 200_000  # unacknowledged frames per peer before the relay applies backpressure
 
@@ -81,6 +82,8 @@ class _Dealer:
     host: str
     port: int
     outbox: deque[list[bytes]] = field(default_factory=deque)
+    since: float = 0.0  # when we started dialling
+    told: bool = False  # the "nobody answers" warning was logged
 
 
 class ClusterLinks:
@@ -109,6 +112,7 @@ class ClusterLinks:
         self._alive_view: list[str] = []
         self._next_hb = 0.0
         self._next_discovery = 0.0
+        self._foreign: set[tuple[str, str]] = set()
         self.router = ctx.socket(zmq.ROUTER)
         _tune(self.router, settings)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -208,13 +212,15 @@ class ClusterLinks:
             sock.close(0)
             return None
         sock.connect(f"tcp://{'[' + host + ']' if ':' in host else host}:{port}")
-        dealer = _Dealer(sock, host, port)
+        dealer = _Dealer(sock, host, port, since=time.monotonic())
         self.dealers[key] = dealer
         return dealer
 
     # -- heartbeats, discovery, ageing --------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        if self.state == "JOINING":
+            self.state = "ALIVE"  # (LEAVING once leave() was called)
         if self.discovery is not None and now >= self._next_discovery:
             self._next_discovery = now + self.settings.heartbeat_s
             for candidate in self.discovery.poll(now):
@@ -237,6 +243,7 @@ class ClusterLinks:
         if now >= self._next_hb:
             self._next_hb = now + self.settings.heartbeat_s
             self._heartbeat()
+            self._silent_candidates(now)
         self._check_view()
 
     def _heartbeat(self) -> None:
@@ -268,6 +275,23 @@ class ClusterLinks:
                     alive,
                     head,
                 ],
+            )
+
+    def _silent_candidates(self, now: float) -> None:
+        """Say once per address when a candidate never answers: an operator otherwise cannot
+        tell a node that is down from one of another cluster or with another CURVE key (a
+        CURVE handshake that fails is silent on both sides)."""
+        answered = {(p.host, p.port) for p in self.peers.values()}
+        for key, dealer in self.dealers.items():
+            if dealer.told or key in answered or now - dealer.since < NO_ANSWER_S:
+                continue
+            dealer.told = True
+            log.warning(
+                "no node answers at %s:%d after %.0fs (not running, another ClusterName, or a "
+                "different Mesh.Curve key?)",
+                dealer.host,
+                dealer.port,
+                NO_ANSWER_S,
             )
 
     def leave(self) -> None:
@@ -334,10 +358,19 @@ class ClusterLinks:
     ) -> None:
         peer = self.peers.get(node)
         if kind == "hb":
-            cluster, host, port = body[0], body[1], body[2]
+            cluster, host, port, state = body[0], body[1], body[2], body[3]
             if cluster != self.settings.cluster_name:
+                if len(self._foreign) < 1000 and (cluster, node) not in self._foreign:
+                    self._foreign.add((str(cluster), node))
+                    log.warning("node %s of another cluster %r ignored", node, cluster)
                 return
             assert isinstance(host, str) and isinstance(port, int)
+            known = self.peers.get(node)
+            if state == "LEAVING" and (known is None or known.incarnation == incarnation):
+                if known is not None and known.routable:
+                    log.info("node %s is leaving the cluster", node)
+                    self._gone(known, State.LEFT)
+                return  # a node on its way out is never (re)joined
             peer = self._hello(now, node, incarnation, host, port)
             if peer is None:
                 return
@@ -438,6 +471,8 @@ class ClusterLinks:
         out = peer.out
         if out is None:
             return
+        if stream != out.stream:
+            return  # about a stream we already replaced (a request queued before the restart)
         frames = out.resend_from(stream, first)
         if frames is None:
             log.warning("node %s asked for frames we no longer hold: starting a new stream", peer.name)
