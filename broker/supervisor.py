@@ -36,7 +36,7 @@ from broker.worker import die_with_parent, worker_process
 from mesh.cluster import LinkSettings
 from mesh.relay import ClusterSettings, RelaySettings
 from mesh.relay import run as run_relay_loop
-from mesh.sockets import default_ipc_dir, prepare_ipc_dir
+from mesh.sockets import STOP_SIGNAL, default_ipc_dir, prepare_ipc_dir
 from store.service import StoreSettings
 from store.service import run as run_store
 
@@ -204,7 +204,7 @@ class Supervisor:
         for group in (workers, relay, store):
             for child in group:
                 if child.process is not None and child.process.is_alive():
-                    os.kill(child.process.pid or 0, signal.SIGTERM)
+                    os.kill(child.process.pid or 0, signal.SIGTERM if group is workers else STOP_SIGNAL)
             for child in group:
                 if child.process is not None:
                     child.process.join(max(deadline - time.monotonic(), 0.1))

@@ -33,7 +33,7 @@ from mesh.cluster import ClusterLinks, LinkSettings
 from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_SHARED, Item
 from mesh.errors import EnvelopeError
 from mesh.relay_cluster import ClusterRelay, ClusterState
-from mesh.sockets import endpoint
+from mesh.sockets import STOP_SIGNAL, endpoint
 
 log = logging.getLogger("mesh.relay")
 
@@ -506,12 +506,14 @@ class Relay(ClusterRelay):
 
 
 def run(settings: RelaySettings) -> None:
-    """The relay process's main: serve until SIGTERM or SIGINT."""
+    """The relay process's main: serve until the supervisor's STOP_SIGNAL."""
     relay = Relay(settings)
 
     def stop(signum: int, frame: object) -> None:
         relay.running = False
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    signal.signal(STOP_SIGNAL, stop)
+    # the supervisor decides when (after the workers drained): see mesh/sockets.py
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     relay.serve()

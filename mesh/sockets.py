@@ -7,6 +7,7 @@ this is the one function that says it. Must not: create sockets (each process ow
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 
@@ -37,3 +38,10 @@ def prepare_ipc_dir(path: str) -> str:
 def endpoint(ipc_dir: str, name: str) -> str:
     """The ZeroMQ address of endpoint `name` (`w3.pub`, `relay.pub`, `relay.ctl`)."""
     return f"ipc://{ipc_dir}/{name}"
+
+
+# The relay and the store stop on this signal, from the supervisor, after the workers drained.
+# They ignore SIGTERM: a service manager that signals the whole process group (systemd's
+# KillMode=control-group, `kill -- -PGID`) must not take them away while workers still write
+# sessions to the store and talk to the other nodes.
+STOP_SIGNAL = signal.SIGUSR1

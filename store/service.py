@@ -29,7 +29,7 @@ import zmq
 
 from mesh import envelope as env
 from mesh.errors import EnvelopeError
-from mesh.sockets import endpoint
+from mesh.sockets import STOP_SIGNAL, endpoint
 from store import wire
 from store.backend import Backend, open_backend
 from store.errors import StoreConfigError, StoreError, StoreUnavailable
@@ -367,7 +367,8 @@ def run(settings: StoreSettings) -> None:
         for service in service_ref:
             service.running = False
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(STOP_SIGNAL, stop)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor decides when (mesh/sockets.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     delay_s = 0.5
     while not stopping:
