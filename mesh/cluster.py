@@ -36,7 +36,9 @@ log = logging.getLogger("mesh.cluster")
 
 VERSION = 1
 RESEND_PAUSE_S = 0.2
-NO_ANSWER_S = 10.0  # a candidate that never answered this long is reported once
+NO_ANSWER_S = 10.0
+ACK_EVERY = 256  # frames applied before an ack goes out at once
+ACK_DELAY_S = 0.002  # otherwise an ack waits this long, to cover whatever else arrives  # a candidate that never answered this long is reported once
 DEALER_HWM = 100_000  # frames queued in libzmq per peer before our outbox takes over
 BUFFER_LIMIT = 200_000  # unacknowledged frames per peer before the relay applies backpressure
 
@@ -113,6 +115,8 @@ class ClusterLinks:
         self._next_hb = 0.0
         self._next_discovery = 0.0
         self._foreign: set[tuple[str, str]] = set()
+        self._ack_due: dict[str, float] = {}
+        self._held_at = -1.0
         self.router = ctx.socket(zmq.ROUTER)
         _tune(self.router, settings)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -233,7 +237,11 @@ class ClusterLinks:
                 if name:
                     self.keys_by_address[(host, port)] = name
                 self._dealer(host, port)
+        held = now - self._held_at < self.settings.heartbeat_s
         for peer in self.peers.values():
+            if held and peer.routable:
+                peer.heard(now)  # unread input may well hold its heartbeats
+                continue
             changed = peer.age(now, self.settings.suspect_after_s, self.settings.dead_after_s)
             if changed is State.SUSPECT:
                 log.warning("node %s is SUSPECT (nothing heard for %.1fs)", peer.name, now - peer.last_heard)
@@ -336,13 +344,40 @@ class ClusterLinks:
                 log.exception("cluster frame %r from %s failed", kind, node)
         for name in touched:
             peer = self.peers.get(name)
-            if peer is None or (peer.out is None and not peer.routable):
+            if peer is None:
                 continue
-            mark = (peer.inn.stream, peer.inn.applied)
-            if self._acked_sent.get(name) != mark:
-                self._acked_sent[name] = mark
-                self._unsequenced(peer.host, peer.port, "ack", list(mark))
+            sent = self._acked_sent.get(name)
+            if sent is None or sent[0] != peer.inn.stream or peer.inn.applied - sent[1] >= ACK_EVERY:
+                self._ack(peer)
+            else:
+                self._ack_due.setdefault(name, now)
         self._check_view()
+
+    def _ack(self, peer: Peer) -> None:
+        self._ack_due.pop(peer.name, None)
+        mark = (peer.inn.stream, peer.inn.applied)
+        if self._acked_sent.get(peer.name) != mark:
+            self._acked_sent[peer.name] = mark
+            self._unsequenced(peer.host, peer.port, "ack", list(mark))
+
+    def flush_acks(self, now: float) -> None:
+        """Acknowledge what arrived ACK_DELAY_S ago or earlier: one ack covers many frames."""
+        for name, since in list(self._ack_due.items()):
+            if now - since >= ACK_DELAY_S:
+                peer = self.peers.get(name)
+                if peer is None:
+                    self._ack_due.pop(name, None)
+                else:
+                    self._ack(peer)
+
+    @property
+    def acks_pending(self) -> bool:
+        return bool(self._ack_due)
+
+    def hold(self, now: float) -> None:
+        """The relay cannot take peer frames right now (its workers are slow): while it does not
+        read, the peers' silence is ours, so it must not make them SUSPECT or DEAD."""
+        self._held_at = now
 
     def _on_frame(
         self,

@@ -300,7 +300,10 @@ class Relay(ClusterRelay):
         log.info("relay up (pid %d, %d workers)", os.getpid(), self.settings.worker_count)
         while self.running:
             busy = bool(self.pub_outbox) or (links is not None and links.backlogged())
-            timeout_ms = 5 if busy else (20 if links is not None else int(beat_s * 1000 / 2))
+            if links is not None and links.acks_pending:
+                timeout_ms = 2
+            else:
+                timeout_ms = 5 if busy else (20 if links is not None else int(beat_s * 1000 / 2))
             ready = dict(poller.poll(timeout=timeout_ms))
             now = time.monotonic()
             if self.router in ready:
@@ -309,8 +312,12 @@ class Relay(ClusterRelay):
                 self._flush_pub()
             if links is not None:
                 links.flush_outboxes()
-                if links.router in ready and not self.pub_outbox:
-                    links.drain(now)
+                if links.router in ready or int(links.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    if self.pub_outbox:
+                        links.hold(now)  # backpressure: peer frames wait in TCP, peers stay alive
+                    else:
+                        links.drain(now)
+                links.flush_acks(now)
                 if now >= next_tick:
                     next_tick = now + 0.02
                     links.tick(now)

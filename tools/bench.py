@@ -34,6 +34,8 @@ Invariants:
 
 The broker processes themselves (ports, command lines, process groups, the RSS guard) are
 `tools/bench_brokers.py`'s; the names tests and callers know are re-exported from here.
+The `cluster` group (issue 5: three nodes on 127.0.0.2-4 and their own database) is
+`tools/loadgen/cluster.py`'s; this module only selects, prints and files it.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from tools.bench_brokers import free_port as free_port
 from tools.bench_brokers import free_port_base as free_port_base
 from tools.bench_brokers import port_free as port_free
 from tools.bench_brokers import wait_listening as wait_listening
-from tools.loadgen import durable, wire
+from tools.loadgen import cluster, durable, wire
 from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario
 from tools.loadgen.worker import raise_nofile_limit
 
@@ -92,7 +94,8 @@ CROSS_SCENARIOS = (
     CrossScenario("fan-out-cross", "fan-out", 1, 2),
 )
 CROSS_BY_NAME = {c.name: c for c in CROSS_SCENARIOS}
-ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME, durable.SCENARIO)  # durable: its own node and database
+# durable: its own node and database; cluster: its own three nodes and database
+ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME, durable.SCENARIO, cluster.SCENARIO)
 
 
 def parse_variants(text: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -508,6 +511,15 @@ def run_bench(args: argparse.Namespace) -> int:
     run_durable = durable.SCENARIO in args.scenarios and "meshmq" in args.brokers
     durables = [durable.run_durable(store, durable_params) for store in durable.STORES] if run_durable else []
     report["durable"] = [durable.as_json(r) for r in durables]
+    cluster_params = cluster.ClusterParams(
+        seconds=args.seconds,
+        warmup_s=args.warmup,
+        version=args.mqtt_version,
+        max_rss_mib=args.max_broker_rss_mib,
+    )
+    run_cluster = cluster.SCENARIO in args.scenarios and "meshmq" in args.brokers
+    clustered = cluster.run_cluster(cluster_params) if run_cluster else None
+    report["cluster"] = cluster.as_json(clustered) if clustered is not None else None
     if brokers:
         print()
         print(render_table(brokers, [s for s in SCENARIOS if s in args.scenarios]))
@@ -519,6 +531,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if durables:
         print("\ndurable QoS 1 into persistent sessions (MeshMQ, its own node and database each):")
         print(durable.render(durables))
+    if clustered is not None:
+        print(f"\n{cluster.TITLE}:")
+        print(cluster.render(clustered))
     problems = render_problems(everyone)
     if problems:
         print("\nproblems:")
@@ -529,7 +544,8 @@ def run_bench(args: argparse.Namespace) -> int:
         path = args.results_dir / f"{started.strftime('%Y-%m-%dT%H%M%S')}.json"
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"\nwrote {path}")
-    return 1 if failed(everyone) or any(r.errors or not r.phases for r in durables) else 0
+    cluster_failed = clustered is not None and clustered.failed
+    return 1 if failed(everyone) or any(r.errors or not r.phases for r in durables) or cluster_failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,6 +304,7 @@ def test_scenario_option_knows_the_cross_worker_scenarios() -> None:
         "fan-out-same",
         "fan-out-cross",
         "durable",
+        "cluster",
     ]
     assert bench.build_parser().parse_args(["--scenarios", "fan-out-cross"]).scenarios == ["fan-out-cross"]
     with pytest.raises(SystemExit):
