@@ -63,6 +63,9 @@ class BrokerCore(SessionLifecycle, Delivery):
         self.new_client_id = new_client_id
         self.counters = Counters()
         self.sessions: dict[str, Session] = {}
+        # CONNECTs whose session is still being claimed or loaded, by client id: a newer claim
+        # elsewhere must abort them, since they have no session to release yet
+        self.connecting: dict[str, ServerConnection] = {}
         self.connections: set[ServerConnection] = set()
         self.connected_count = 0
         self.subscriptions: TopicTree[str, SubEntry] = TopicTree()

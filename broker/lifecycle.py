@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from broker.handlers.connect import abort_connecting
 from broker.mesh_codec import session_to_wire
 from broker.messages import Message
 from broker.metrics import Counters
@@ -26,6 +27,7 @@ from broker.ports import MeshPort, SessionStore
 from broker.protocol.packets import Will
 from broker.protocol.reasons import Reason
 from broker.session import Session
+from store.records import QueuedRecord
 
 log = logging.getLogger("broker.core")
 
@@ -46,6 +48,8 @@ class SessionLifecycle:
         def retain(self, message: Message, persist: bool = True) -> None: ...
 
         def remove_subscription(self, session: Session, key_filter: str) -> bool: ...
+
+        def pump(self, session: Session, now: float) -> None: ...
 
         def deliver(
             self,
@@ -100,6 +104,7 @@ class SessionLifecycle:
         """Another worker claimed `client_id`: hand the session over and forget it here."""
         session = self.sessions.get(client_id)
         state = None
+        abort_connecting(self, client_id, epoch)  # type: ignore[arg-type]
         if session is not None:
             if session.epoch > epoch:
                 log.info("client %r: stale release (epoch %d < %d) ignored", client_id, epoch, session.epoch)
@@ -116,6 +121,7 @@ class SessionLifecycle:
         """A node elsewhere claimed `client_id`: close it here (0x8E) and leave its session in the
         store, committed before `done`, so that the new node loads exactly what we had."""
         session = self.sessions.get(client_id)
+        abort_connecting(self, client_id, epoch)  # type: ignore[arg-type]
         if session is None or session.epoch > epoch:
             done(now)
             return
@@ -136,6 +142,43 @@ class SessionLifecycle:
         for session in self.sessions.values():
             if session.connection is not None and session.stored:
                 self.store.session_online(session, True)
+
+    def rescan_online(self) -> None:
+        """A node died (or its stream to us broke): messages it acknowledged to its publishers
+        may be in the store and nowhere else. Our online persistent sessions read their queued
+        rows again and get what they miss (by msg_id; a duplicate of QoS 1 is allowed)."""
+        store = self.store
+        if not store.enabled:
+            return
+        for session in list(self.sessions.values()):
+            if session.connection is None or not session.stored:
+                continue
+
+            def loaded(
+                record: object, rows: list[QueuedRecord], ok: bool, now: float, session: Session = session
+            ) -> None:
+                if (
+                    not ok
+                    or session.connection is None
+                    or self.sessions.get(session.client_id) is not session
+                ):
+                    return
+                known = {item.message.msg_id for item in session.inflight.values()}
+                known.update(item.message.msg_id for item in session.queue)
+                added = 0
+                for row in rows:
+                    if row.msg_id not in known:
+                        session.queue.append(store.queued_to_outgoing(row, now))
+                        added += 1
+                if added:
+                    log.warning(
+                        "client %r: %d stored message(s) recovered after a node failure",
+                        session.client_id,
+                        added,
+                    )
+                    self.pump(session, now)
+
+            store.load(session.client_id, loaded)
 
     def recover_node(self, node: str) -> None:
         """Node `node` died and this worker was chosen: publish the wills it left."""

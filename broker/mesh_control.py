@@ -191,6 +191,8 @@ class ControlPlane:
             (node,) = body
             assert isinstance(node, str)
             core.recover_node(node)
+        elif kind == "rescan":
+            core.rescan_online()
         elif kind == "reassert":
             core.reassert_online()
         elif kind == "resync":

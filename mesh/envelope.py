@@ -254,7 +254,8 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "released": 2,  # worker -> relay [client_id, epoch]: a release to the store is committed
         "deadnode": 1,  # relay -> workers [node]: forget the node's shared members
         "reassert": 0,  # relay -> worker []: a node that recovered our sessions is back: mark ours online
-        "resync": 0,  # relay -> worker []: the relay restarted: send your routes again
+        "resync": 0,
+        "rescan": 0,  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again
     }
 )
 

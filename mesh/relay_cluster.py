@@ -237,16 +237,21 @@ class ClusterRelay:
         key = (peer.name, peer.incarnation)
         if key in self.cluster.streams_seen:
             # the same life of the node restarted its stream to us: it lost us for a while (it
-            # may have declared us dead and recovered our sessions)
+            # may have declared us dead and recovered our sessions, and frames were lost)
             self._reassert()
+            self._tell_workers("rescan")
         self.cluster.streams_seen.add(key)
 
     def _reassert(self) -> None:
+        self._tell_workers("reassert")
+
+    def _tell_workers(self, kind: str) -> None:
         for index in self.state.workers:
-            self._reply(f"w{index}".encode(), "reassert", 0)
+            self._reply(f"w{index}".encode(), kind, 0)
 
     def peer_gone(self, peer: Peer, why: State) -> None:
         self._drop_node_state(peer.name)
+        self._tell_workers("rescan")  # what it acknowledged may be only in the store now
         for claim in list(self.cluster.claims.values()):
             claim.waiting.discard(peer.name)
             if not claim.waiting:

@@ -128,6 +128,7 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
     # ours (with the session the previous owner hands over). Packets that follow CONNECT wait.
     pending = _Pending(client_id, packet.clean_start, expiry, will, connack_props)
     conn.held = []
+    core.connecting[client_id] = conn
     core.mesh.claim(
         client_id,
         packet.clean_start,
@@ -155,7 +156,14 @@ def _claimed(
     state: SessionWire | None,
     now: float,
 ) -> None:
+    conn.claim_epoch = epoch
+    if conn.closing:
+        # refused meanwhile (a newer claim elsewhere aborted it, or the CONNECT timed out)
+        _not_connecting(core, conn, pending.client_id)
+        core.mesh.session_ended(pending.client_id, epoch)
+        return
     if epoch == CLAIM_LOST:
+        _not_connecting(core, conn, pending.client_id)
         # Another node took the client id with a newer connection at the same moment: it wins.
         if not conn.link_lost:
             refuse_connect(
@@ -187,7 +195,12 @@ def _loaded(
     ok: bool,
     now: float,
 ) -> None:
+    if conn.closing and not conn.link_lost:
+        _not_connecting(core, conn, pending.client_id)  # aborted while the store read (see above)
+        core.mesh.session_ended(pending.client_id, epoch)
+        return
     if not ok:
+        _not_connecting(core, conn, pending.client_id)
         core.mesh.session_ended(pending.client_id, epoch)
         if conn.link_lost:
             return
@@ -207,6 +220,7 @@ def _connected(
     rows: Sequence[QueuedRecord],
     now: float,
 ) -> None:
+    _not_connecting(core, conn, pending.client_id)
     session_present, wait = _attach_session(core, conn, pending, state, record, rows, now)
     session = conn.session
     assert session is not None
@@ -329,3 +343,25 @@ def _attach_session(
     session.connection = conn
     conn.session = session
     return present, wait
+
+
+def _not_connecting(core: BrokerCore, conn: ServerConnection, client_id: str) -> None:
+    if core.connecting.get(client_id) is conn:
+        del core.connecting[client_id]
+
+
+def abort_connecting(core: BrokerCore, client_id: str, epoch: int) -> bool:
+    """A newer claim for `client_id` (epoch) was made elsewhere while our CONNECT still waits for
+    its session: refuse ours, so that the client id is never connected twice. True if one was."""
+    conn = core.connecting.get(client_id)
+    if conn is None or conn.claim_epoch < 0 or conn.claim_epoch >= epoch:
+        return False
+    del core.connecting[client_id]
+    if not conn.link_lost and not conn.closing:
+        refuse_connect(
+            conn,
+            Reason.SERVER_BUSY if conn.version is V5 else Reason.SERVER_UNAVAILABLE,
+            "client id taken by a newer connection",
+        )
+        core.release_held(conn, 0.0)
+    return True

@@ -71,6 +71,7 @@ class ServerConnection:
     __slots__ = (
         "alias_in",
         "alias_out",
+        "claim_epoch",
         "client_id",
         "client_max_packet_bytes",
         "client_receive_maximum",
@@ -115,6 +116,7 @@ class ServerConnection:
         # Not None while the connection waits for the node (a session claim, a subscription
         # barrier): packets that arrive meanwhile are held here, in order, and handled after.
         self.held: list[Packet] | None = None
+        self.claim_epoch = -1  # the epoch the mesh gave this connection's CONNECT, once answered
         # PUBLISHes of this client whose routing and acknowledgement wait behind one that waits
         # for the store, in arrival order [MQTT-4.6.0-2, -5] (see broker/handlers/publish.py).
         self.pipeline: deque[Any] | None = None

@@ -352,6 +352,7 @@ def test_control_kinds_table() -> None:
         "deadnode": 1,
         "reassert": 0,
         "resync": 0,
+        "rescan": 0,
         # the store plane
         "save": 1,
         "ok": 0,

@@ -131,6 +131,7 @@ class Harness:
             self.relay.links = cast(ClusterLinks, self.links)
         self.published: list[list[bytes]] = []
         self.relay._publish_local = self.published.append  # type: ignore[method-assign,assignment]
+        self.rescans = 0
         self.worker = self.relay.ctx.socket(zmq.DEALER)
         self.worker.setsockopt(zmq.LINGER, 0)
         self.worker.setsockopt(zmq.IDENTITY, b"w1")
@@ -145,11 +146,20 @@ class Harness:
             self.relay._drain_router(time.monotonic())
 
     def recv(self, timeout_ms: int = 2000) -> env.Control:
-        assert self.worker.poll(timeout_ms), "worker 1 got nothing"
-        return env.unpack_control(self.worker.recv())
+        """The next control for worker 1, past the `rescan`s a peer leaving sends (tested alone)."""
+        while True:
+            assert self.worker.poll(timeout_ms), "worker 1 got nothing"
+            control = env.unpack_control(self.worker.recv())
+            if control.kind != "rescan":
+                return control
+            self.rescans += 1
 
     def quiet(self, timeout_ms: int = 100) -> bool:
-        return not self.worker.poll(timeout_ms)
+        while self.worker.poll(timeout_ms):
+            if env.unpack_control(self.worker.recv()).kind != "rescan":
+                return False
+            self.rescans += 1
+        return True
 
     def frame(self, peer: str, kind: str, *body: object, frames: Frames = ()) -> None:
         self.relay.peer_frame(self.links.peers[peer], kind, list(body), frames)
@@ -837,3 +847,11 @@ def test_a_takeover_across_two_relays(pair: tuple[Harness, Harness]) -> None:
     assert (claimed.kind, claimed.req_id, claimed.body) == ("claimed", 2, ("cid", a_epoch, None, False))
     assert drive([a, b], lambda: b.relay.cluster.remote_clients.get("cid") == ("a", a_epoch))
     assert "cid" not in b.relay.state.registry
+
+
+@pytest.mark.parametrize("why", [State.DEAD, State.LEFT])
+def test_a_peer_that_goes_makes_the_workers_rescan_their_stored_rows(h: Harness, why: State) -> None:
+    # What the peer acknowledged to its publishers may now be only in the store (PROTOCOL.md).
+    h.relay.peer_gone(h.links.peers["b"], why)
+    h.quiet(200)
+    assert h.rescans == 1
