@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -183,6 +184,11 @@ class Relay(ClusterRelay):
         self.links: ClusterLinks | None = None
         self.authenticator: object | None = None
         self.pub_outbox: list[list[bytes]] = []
+        self._next_check = 0.0
+        self._next_tick = 0.0
+        # sockets used since the loop last read their EVENTS (0 relay.ctl, 1 sub, 2 relay.pub):
+        # any operation may consume a ZeroMQ FD's signal, so these are looked at again
+        self._touched: set[int] = set()
         cluster = settings.cluster
         self.handoff_timeout_s = (cluster.handoff_timeout_ms if cluster is not None else 3000) / 1000
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -289,49 +295,75 @@ class Relay(ClusterRelay):
         if self.settings.store:
             self.load_retained()
         links = self.links
-        poller = zmq.Poller()
-        for sock in (self.router, self.sub, self.pub):
-            poller.register(sock, zmq.POLLIN)
-        if links is not None:
-            poller.register(links.router, zmq.POLLIN)
+        sockets = [self.router, self.sub, self.pub] + ([links.router] if links is not None else [])
+        # One epoll set over the sockets' FDs, registered once (zmq.Poller sets up its items at
+        # every call, which cost more than the forwarding itself at moderate rates). A ZeroMQ FD
+        # only says "look again": the loop reads EVENTS of every socket and blocks only when none
+        # has input, so no wake-up is ever missed.
+        waiter = select.epoll()
+        by_fd: dict[int, int] = {}
+        for index, sock in enumerate(sockets):
+            fd = int(sock.getsockopt(zmq.FD))
+            by_fd[fd] = index
+            waiter.register(fd, select.EPOLLIN)
         beat_s = self.settings.heartbeat_ms / 1000
-        next_check = time.monotonic() + beat_s
-        next_tick = 0.0
+        self._next_check = time.monotonic() + beat_s
+        self._next_tick = 0.0
         log.info("relay up (pid %d, %d workers)", os.getpid(), self.settings.worker_count)
+        pollin = zmq.POLLIN
+        look = set(range(len(sockets)))  # sockets whose EVENTS may have changed
+        has_input = [False] * len(sockets)
+        touched = self._touched
         while self.running:
-            busy = bool(self.pub_outbox) or (links is not None and links.backlogged())
-            if links is not None and links.acks_pending:
-                timeout_ms = 2
-            else:
-                timeout_ms = 5 if busy else (20 if links is not None else int(beat_s * 1000 / 2))
-            ready = dict(poller.poll(timeout=timeout_ms))
+            for index in look:
+                has_input[index] = bool(int(sockets[index].getsockopt(zmq.EVENTS)) & pollin)
+            look.clear()
+            router_in, sub_in, pub_in = has_input[0], has_input[1], has_input[2]
+            links_in = links is not None and has_input[3]
+            backlogged = links is not None and links.backlogged()
+            if not (router_in or (sub_in and not backlogged) or pub_in or (links_in and not self.pub_outbox)):
+                if links is not None and links.acks_pending:
+                    timeout_s = 0.002
+                elif self.pub_outbox or backlogged:
+                    timeout_s = 0.005
+                else:
+                    timeout_s = 0.02 if links is not None else beat_s / 2
+                for fd, _event in waiter.poll(timeout_s):
+                    look.add(by_fd[fd])
+                if sub_in:
+                    look.add(1)  # input held back by backpressure: look again
+                if links_in:
+                    look.add(3)
+                self._timers(time.monotonic())
+                look |= touched
+                touched.clear()
+                continue
             now = time.monotonic()
-            if self.router in ready:
+            if router_in:
                 self._drain_router(now)
+                look.add(0)
             if self.pub_outbox:
                 self._flush_pub()
             if links is not None:
                 links.flush_outboxes()
-                if links.router in ready or int(links.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if links_in:
+                    look.add(3)
                     if self.pub_outbox:
                         links.hold(now)  # backpressure: peer frames wait in TCP, peers stay alive
                     else:
                         links.drain(now)
-                links.flush_acks(now)
-                if now >= next_tick:
-                    next_tick = now + 0.02
-                    links.tick(now)
-                    self.cluster_timers(now)
-                    self._complete_syncs(now)
-            sub_ready = self.sub in ready or int(self.sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN
-            if sub_ready and (links is None or not links.backlogged()):
-                self._drain_sub(now)
-            if self.pub in ready:
-                while self.pub.poll(0):
+            if sub_in:
+                look.add(1)
+                if not backlogged:
+                    self._drain_sub(now)
+            if pub_in:
+                look.add(2)
+                while int(self.pub.getsockopt(zmq.EVENTS)) & pollin:
                     self.pub.recv()  # subscription changes of the workers: nothing to do with them
-            if now >= next_check:
-                next_check = now + beat_s
-                self._check_liveness(now, beat_s)
+            self._timers(now)
+            look |= touched
+            touched.clear()
+        waiter.close()
         if links is not None:
             links.leave()
             links.flush_outboxes()
@@ -342,9 +374,26 @@ class Relay(ClusterRelay):
             sock.close(0)
         log.info("relay stopped")
 
+    def _timers(self, now: float) -> None:
+        links = self.links
+        if links is not None:
+            if self.pub_outbox:
+                self._flush_pub()
+            links.flush_outboxes()
+            links.flush_acks(now)
+            if now >= self._next_tick:
+                self._next_tick = now + 0.02
+                links.tick(now)
+                self.cluster_timers(now)
+                self._complete_syncs(now)
+        if now >= self._next_check:
+            self._next_check = now + self.settings.heartbeat_ms / 1000
+            self._check_liveness(now, self.settings.heartbeat_ms / 1000)
+
     # -- towards our workers -------------------------------------------------------------------------
 
     def _publish_local(self, parts: list[bytes]) -> None:
+        self._touched.add(2)
         if self.pub_outbox:
             self.pub_outbox.append(parts)
             return
@@ -354,6 +403,7 @@ class Relay(ClusterRelay):
             self.pub_outbox.append(parts)
 
     def _flush_pub(self) -> None:
+        self._touched.add(2)
         outbox = self.pub_outbox
         sent = 0
         for parts in outbox:
@@ -367,6 +417,7 @@ class Relay(ClusterRelay):
     # -- control plane ---------------------------------------------------------------------------
 
     def _reply(self, identity: bytes, kind: str, req_id: int, *body: object) -> None:
+        self._touched.add(0)
         try:
             self.router.send_multipart((identity, env.pack_control(kind, req_id, *body)), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
