@@ -36,12 +36,12 @@ from broker.config import Config
 from broker.mesh_codec import item_to_message, message_to_item
 from broker.mesh_control import CH_SYNC, Barrier, Claim, ControlPlane, _events, _fd, _worker_of
 from broker.messages import Message
-from broker.protocol.topics import literal_prefix
 from broker.session import SubEntry
 from mesh import envelope as env
 from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED, Item, SessionWire
 from mesh.errors import EnvelopeError
-from mesh.sockets import endpoint
+from mesh.routes import literal_prefix
+from mesh.sockets import endpoint, send_queued
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
@@ -350,15 +350,10 @@ class WorkerMesh(ControlPlane):
         outbox.append([channel, data])
 
     def _drain_outbox(self) -> None:
-        outbox = self.outbox
-        while outbox:
-            try:
-                self.pub.send_multipart(outbox[0], zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            outbox.popleft()
+        if send_queued(self.pub, self.outbox):
             self.outbox_since = self.loop.time()  # progress: the peers are reading
-        self._resume()
+        if not self.outbox:
+            self._resume()
 
     def _pause(self) -> None:
         if not self.paused and self.core is not None:

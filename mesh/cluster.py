@@ -31,6 +31,7 @@ import msgpack
 import zmq
 
 from mesh.peers import Frames, InStream, OutStream, Peer, State
+from mesh.sockets import send_queued
 
 log = logging.getLogger("mesh.cluster")
 
@@ -193,14 +194,8 @@ class ClusterLinks:
 
     def flush_outboxes(self) -> None:
         for dealer in self.dealers.values():
-            outbox = dealer.outbox
-            while outbox:
-                try:
-                    dealer.sock.send_multipart(outbox[0], zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                outbox.popleft()
-                self.counters["frames_sent"] += 1
+            if dealer.outbox:
+                self.counters["frames_sent"] += send_queued(dealer.sock, dealer.outbox)
 
     def _dealer(self, host: str, port: int) -> _Dealer | None:
         key = (host, port)

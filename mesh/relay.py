@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgpack
@@ -34,7 +35,7 @@ from mesh.cluster import ClusterLinks, LinkSettings
 from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_SHARED, Item
 from mesh.errors import EnvelopeError
 from mesh.relay_cluster import ClusterRelay, ClusterState
-from mesh.sockets import STOP_SIGNAL, endpoint
+from mesh.sockets import STOP_SIGNAL, endpoint, send_queued
 
 log = logging.getLogger("mesh.relay")
 
@@ -183,7 +184,7 @@ class Relay(ClusterRelay):
         self.cluster = ClusterState()
         self.links: ClusterLinks | None = None
         self.authenticator: object | None = None
-        self.pub_outbox: list[list[bytes]] = []
+        self.pub_outbox: deque[list[bytes]] = deque()
         self._next_check = 0.0
         self._next_tick = 0.0
         # sockets used since the loop last read their EVENTS (0 relay.ctl, 1 sub, 2 relay.pub):
@@ -404,15 +405,7 @@ class Relay(ClusterRelay):
 
     def _flush_pub(self) -> None:
         self._touched.add(2)
-        outbox = self.pub_outbox
-        sent = 0
-        for parts in outbox:
-            try:
-                self.pub.send_multipart(parts, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            sent += 1
-        del outbox[:sent]
+        send_queued(self.pub, self.pub_outbox)
 
     # -- control plane ---------------------------------------------------------------------------
 

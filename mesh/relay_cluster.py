@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,7 @@ class ClusterRelay:
     sub: zmq.Socket[bytes]
     node: str
     handoff_timeout_s: float
-    pub_outbox: list[list[bytes]]
+    pub_outbox: deque[list[bytes]]
 
     if TYPE_CHECKING:
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 from pathlib import Path
+
+import zmq
 
 
 def default_ipc_dir(node_name: str, pid: int) -> str:
@@ -45,3 +48,16 @@ def endpoint(ipc_dir: str, name: str) -> str:
 # KillMode=control-group, `kill -- -PGID`) must not take them away while workers still write
 # sessions to the store and talk to the other nodes.
 STOP_SIGNAL = signal.SIGUSR1
+
+
+def send_queued(sock: zmq.Socket[bytes], outbox: deque[list[bytes]]) -> int:
+    """Send queued multipart messages in order until the socket would block; how many went."""
+    sent = 0
+    while outbox:
+        try:
+            sock.send_multipart(outbox[0], zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        outbox.popleft()
+        sent += 1
+    return sent

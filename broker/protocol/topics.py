@@ -11,7 +11,8 @@ that itself).
 Invariants:
 - Levels are the substrings between '/' separators; empty levels are real levels ("a//b" has
   three, "/a" has two, the first empty).
-- Matching functions (`topic_matches`, `literal_prefix`) take a plain filter. For a shared
+- Matching functions (`topic_matches`) take a plain filter (the ZeroMQ prefix of a filter,
+  `literal_prefix`, lives in `mesh/routes.py`, shared by the workers and the relay). For a shared
   subscription the caller passes the filter part from `parse_shared`; a `$share/...` string given
   to them is treated as a literal filter.
 - Filters that start with a wildcard never match topic names that start with '$'
@@ -141,18 +142,3 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if level != "+" and level != topic_levels[index]:
             return False
     return len(filter_levels) == topic_depth
-
-
-def literal_prefix(topic_filter: str) -> str:
-    """The literal text every topic matched by the plain filter `topic_filter` starts with.
-
-    Used as a ZeroMQ SUB prefix: "a/b/+/c" -> "a/b/", "a/b" -> "a/b", "#" and "+/x" -> "".
-    A trailing "/#" gives the parent *without* its separator ("a/#" -> "a") because "a/#" also
-    matches the topic "a" [MQTT-4.7.1-2]; a prefix of "a/" would lose it.
-    """
-    plus = topic_filter.find("+")
-    if plus >= 0:
-        return topic_filter[:plus]
-    if topic_filter.endswith("#"):
-        return topic_filter[:-2] if len(topic_filter) > 1 else ""
-    return topic_filter

@@ -9,12 +9,12 @@ from broker.protocol.reasons import Reason
 from broker.protocol.topics import (
     MAX_TOPIC_BYTES,
     TopicError,
-    literal_prefix,
     parse_shared,
     topic_matches,
     validate_topic_filter,
     validate_topic_name,
 )
+from mesh.routes import literal_prefix
 
 # --- topic names -------------------------------------------------------------------------------
 
