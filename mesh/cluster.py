@@ -40,8 +40,11 @@ RESEND_PAUSE_S = 0.2
 NO_ANSWER_S = 10.0
 ACK_EVERY = 256  # frames applied before an ack goes out at once
 ACK_DELAY_S = 0.002  # otherwise an ack waits this long, to cover whatever else arrives  # a candidate that never answered this long is reported once
-DEALER_HWM = 100_000  # frames queued in libzmq per peer before our outbox takes over
-BUFFER_LIMIT = 200_000  # unacknowledged frames per peer before the relay applies backpressure
+# Frames queued in libzmq per peer before our outbox takes over and the relay stops reading its
+# workers: small, so that a slow node slows the publishers soon instead of filling memory (an
+# envelope carries up to 64 messages).
+DEALER_HWM = 1_000
+BUFFER_LIMIT = 20_000  # unacknowledged frames per peer before the relay applies backpressure
 
 
 class CandidateSource(Protocol):
