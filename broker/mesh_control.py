@@ -182,7 +182,10 @@ class ControlPlane:
             if new_index == 0:
                 # another node claimed it: the session goes to the store, then we say so
                 core.release_to_store(
-                    client_id, epoch, bool(clean_start), now,
+                    client_id,
+                    epoch,
+                    bool(clean_start),
+                    now,
                     lambda now: self._released(client_id, epoch),
                 )
             else:

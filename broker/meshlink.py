@@ -56,7 +56,9 @@ TIMER_S = 0.05
 REMOTE_SLOT_BASE = 1 << 20
 # Channels a worker's SUB sees when it subscribes to every topic but must not handle: durable-
 # subscription updates (the store link reads them) and shared picks for other nodes (the relay).
-_NOT_OURS = frozenset({CH_DURABLE, CH_REMOTE})  # worker ids of other nodes' workers in the core's shared tables
+_NOT_OURS = frozenset(
+    {CH_DURABLE, CH_REMOTE}
+)  # worker ids of other nodes' workers in the core's shared tables
 POLL_S = 0.002
 
 
@@ -265,8 +267,11 @@ class WorkerMesh(ControlPlane):
         return self._prefix_interest(topic_filter, delta) or routed
 
     def _resend_routes(self) -> None:
-        log.warning("worker %d: the relay restarted; sending it our %d route(s) again", self.index,
-                    len(self.local_filters))
+        log.warning(
+            "worker %d: the relay restarted; sending it our %d route(s) again",
+            self.index,
+            len(self.local_filters),
+        )
         for topic_filter in self.local_filters:
             self._control("route", "+", topic_filter)
 

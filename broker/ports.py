@@ -23,6 +23,7 @@ from store.wire import QueuedTuple
 
 CLAIM_LOST = -1  # the epoch a claim's `done` gets when a newer claim on another node won
 
+
 class SessionStore(Protocol):
     """Where session state and durable messages go to outlive the worker (the store process).
 

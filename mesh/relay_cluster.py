@@ -70,7 +70,9 @@ class ClusterState:
     claims: dict[str, PendingClaim] = field(default_factory=dict)
     releasing: dict[str, Releasing] = field(default_factory=dict)
     declared_dead: set[str] = field(default_factory=set)  # nodes we declared DEAD (their sessions recovered)
-    streams_seen: set[tuple[str, int]] = field(default_factory=set)  # (node, incarnation) that sent us a stream
+    streams_seen: set[tuple[str, int]] = field(
+        default_factory=set
+    )  # (node, incarnation) that sent us a stream
 
 
 class ClusterRelay:
@@ -112,8 +114,16 @@ class ClusterRelay:
         for topic_filter in [f for f, ws in self.cluster.local_routes.items() if worker in ws]:
             self.local_route(worker, "-", topic_filter)
 
-    def cluster_claim(self, identity: bytes, req_id: int, client_id: str, epoch: int, holder: int | None,
-                      clean_start: bool, now: float) -> bool:
+    def cluster_claim(
+        self,
+        identity: bytes,
+        req_id: int,
+        client_id: str,
+        epoch: int,
+        holder: int | None,
+        clean_start: bool,
+        now: float,
+    ) -> bool:
         """Ask the peers; False when there is nobody to ask (answer at once)."""
         links = self.links
         if links is None:
@@ -138,7 +148,9 @@ class ClusterRelay:
             log.info("client %r: claim lost to a newer connection on another node", claim.client_id)
             self._reply(claim.identity, "claimed", claim.req_id, claim.client_id, claim.epoch, None, True)
             return
-        self._reply(claim.identity, "claimed", claim.req_id, claim.client_id, claim.epoch, claim.holder, False)
+        self._reply(
+            claim.identity, "claimed", claim.req_id, claim.client_id, claim.epoch, claim.holder, False
+        )
         entry = self.state.registry.get(claim.client_id)
         if self.links is not None and entry is not None and entry[1] == claim.epoch:
             self.links.broadcast("reg", (claim.client_id, claim.epoch, entry[0]))
@@ -203,8 +215,14 @@ class ClusterRelay:
             return env.pack_publish_batch(origin, message.seq, message.topic, message.items)
         if isinstance(message, env.SharedUpdate):
             return env.pack_shared_update(
-                origin, message.seq, message.op, message.group, message.topic_filter, message.client_id,
-                message.qos, message.sub_id,
+                origin,
+                message.seq,
+                message.op,
+                message.group,
+                message.topic_filter,
+                message.client_id,
+                message.qos,
+                message.sub_id,
             )
         return None
 
@@ -348,7 +366,9 @@ class ClusterRelay:
                 self._answer_claim(peer.name, client_id, epoch, False)
                 return
             if state.alive(worker):
-                self.cluster.releasing[client_id] = Releasing(peer.name, epoch, _now() + self.handoff_timeout_s)
+                self.cluster.releasing[client_id] = Releasing(
+                    peer.name, epoch, _now() + self.handoff_timeout_s
+                )
                 self._reply(f"w{worker}".encode(), "release", 0, client_id, epoch, 0, clean_start)
                 del state.registry[client_id]
                 return
@@ -387,7 +407,9 @@ class ClusterRelay:
             if now >= claim.deadline:
                 log.warning(
                     "client %r: nodes %s did not answer the claim within %.1fs; going on",
-                    claim.client_id, sorted(claim.waiting), self.handoff_timeout_s,
+                    claim.client_id,
+                    sorted(claim.waiting),
+                    self.handoff_timeout_s,
                 )
                 claim.waiting.clear()
                 self._finish_claim(claim)

@@ -36,7 +36,7 @@ from mesh.discovery.dns import BackgroundResolver, Resolve, split_host_port
 STATIC_REFRESH_S: Final = 10.0
 MAX_RANGE_ADDRESSES: Final = 256
 
-# The configuration's NodeName pattern (broker/config.py), repeated here because mesh must not
+# The configuration's NodeName pattern (broker/config_values.py), repeated here because mesh must not
 # import broker.
 _NODE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _RANGE: Final = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})-(\d+)")
