@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -96,7 +97,11 @@ class StoreLink:
         self.acks: dict[str, list[int]] = {}
         self.snapshot_done = False
         self.buffered: list[tuple[str, object]] = []
-        self.next_msg_id = (time.time_ns() // 1000) * 1024 + index  # unique in the node, increasing
+        # Message ids identify a message's queue rows (merge on reconnect, ack). Workers of every
+        # node of a cluster write rows for the same clients, so an id must be unique cluster-wide
+        # without asking anyone: a random start in 2**61 and +1 per message makes two workers'
+        # ranges overlap with a probability of about (messages of both) / 2**61.
+        self.next_msg_id = random.getrandbits(61) + 1
         self.stats_refused = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -260,7 +265,7 @@ class StoreLink:
         if not by_client:
             return []
         if not message.msg_id:
-            self.next_msg_id += 1024
+            self.next_msg_id += 1
             message.msg_id = self.next_msg_id
         expires_at = None
         if message.expires_at is not None:
