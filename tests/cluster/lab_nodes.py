@@ -23,7 +23,9 @@ Invariants:
 - Every process is started with `Lab.run` (its own process group, killed by the lab's teardown
   too); `LabNode.stop`/`kill` return only when no process of the node's group is alive.
 - Node i is named n<i>; its log holds the relay's `cluster view: alive=[...]` lines, read
-  incrementally with `nodes.LogFollower`; each start logs to a new file.
+  incrementally with `node_process.LogFollower`; each start logs to a new file. What a node and
+  a cluster do beyond spawning in a lab host and seeing readiness in the log is shared with the
+  loopback nodes (`node_process.NodeProcess`, `NodeSet`).
 - `LabPostgres.stop` does an immediate shutdown (so shared memory is released) and deletes the
   server's files; it is safe to call twice and after a failed start.
 """
@@ -34,30 +36,23 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, ClassVar, Final
 
 import psycopg
-import yaml
 from psycopg import sql
 
 from tests.cluster.netns import CLIENT, Lab
-from tests.cluster.nodes import (
-    DEAD_AFTER_MS,
-    PEER_HEARTBEAT_MS,
-    SUSPECT_AFTER_MS,
-    LogFollower,
-    deep_merge,
-    parse_view,
-)
+from tests.cluster.node_process import LogFollower, NodeProcess, NodeSet
+from tests.cluster.nodes import deep_merge, node_config
 from tests.e2e.broker_proc import _meshmq_command
 from tests.pg import SUPERUSER, find_bin_dir
+from tests.process_group import GONE_TIMEOUT_S, kill_group
 
 __all__ = [
     "ANNOUNCE_INTERVAL_MS",
@@ -67,7 +62,6 @@ __all__ = [
     "LabCluster",
     "LabNode",
     "LabPostgres",
-    "kill_group",
 ]
 
 LAB_MQTT_PORT: Final = 1883
@@ -76,38 +70,10 @@ LAB_PG_PORT: Final = 5432
 ANNOUNCE_INTERVAL_MS: Final = 1000
 _START_TIMEOUT_S: Final = 20.0
 _STOP_TIMEOUT_S: Final = 10.0
-_GONE_TIMEOUT_S: Final = 10.0
 _PG_START_TIMEOUT_S: Final = 30.0
 _PG_COMMAND_TIMEOUT_S: Final = 60.0
 _POLL_S: Final = 0.05
 _MQTT_READY: Final = re.compile(r"worker \d+: MQTT on ")
-
-
-def _group_alive(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes of process group `pgid`."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # comm may hold spaces: split after it
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry))
-    return alive
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL process group `pgid` (one this test started) until none of it is alive (bounded)."""
-    deadline = time.monotonic() + _GONE_TIMEOUT_S
-    while alive := _group_alive(pgid):
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"processes {alive} of group {pgid} still alive after {_GONE_TIMEOUT_S}s")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        time.sleep(0.01)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -254,7 +220,7 @@ class LabPostgres:
                     )
             kill_group(self.proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(_GONE_TIMEOUT_S)
+                self.proc.wait(GONE_TIMEOUT_S)
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -267,60 +233,21 @@ def _clean_env() -> dict[str, str]:
 # --- MeshMQ nodes on lab hosts ---------------------------------------------------------------
 
 
-class LabNode:
+class LabNode(NodeProcess):
     """MeshMQ node n<index> in lab host `index`: MQTT on <addr>:1883, mesh on <addr>:7946."""
 
+    STOP_TIMEOUT_S: ClassVar[float] = _STOP_TIMEOUT_S
+    IPC_PREFIX: ClassVar[str] = "mql"
+
     def __init__(self, lab: Lab, index: int, workdir: Path, command: Sequence[str]) -> None:
+        super().__init__(index, workdir, lab.addr(index), LAB_MQTT_PORT, LAB_MESH_PORT, command)
         self.lab = lab
-        self.index = index
-        self.name = f"n{index}"
-        self.host = lab.addr(index)
-        self.port = LAB_MQTT_PORT
-        self.mesh_port = LAB_MESH_PORT
-        self.workdir = workdir
-        self.command = list(command)
-        self.config: dict[str, Any] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.wanted = False  # started by the test and not stopped or killed by it since
-        # Unix socket paths are short (108 bytes): the IPC directory lives under /tmp.
-        self.ipc_dir = tempfile.mkdtemp(prefix=f"mql{index}.", dir="/tmp")
 
     def __repr__(self) -> str:
         return f"LabNode({self.name} {self.host} in {self.lab.ns(self.index)} pid {self.pid})"
 
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / f"{self.name}.yaml"
-
-    @property
-    def log_path(self) -> Path:
-        """The log of the current (latest) start."""
-        return self.workdir / f"{self.name}-{max(self.starts, 1)}.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def launch(self) -> None:
-        """Start the node in its lab host (config rewritten from `self.config`), without waiting."""
-        if self.running():
-            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        self.starts += 1
-        with open(self.log_path, "wb") as log:
-            self.proc = self.lab.run(
-                self.index,
-                [*self.command, "-cluster", "-config", str(self.config_path)],
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.wanted = True
+    def _spawn(self, argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        return self.lab.run(self.index, argv, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> None:
         """Wait for the worker's `MQTT on` log line (this process must not connect to lab IPs)."""
@@ -335,50 +262,8 @@ class LabNode:
                 raise RuntimeError(f"{self.name} not listening after {timeout_s}s\n{self.log_tail()}")
             time.sleep(_POLL_S)
 
-    def send_signal(self, sig: int) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
 
-    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-        """SIGTERM (a graceful drain) and wait; SIGKILL past `timeout_s`; wait until all are gone."""
-        self.wanted = False
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout_s)
-        kill_group(self.proc.pid)
-        self.proc.wait(_GONE_TIMEOUT_S)
-
-    def kill(self) -> None:
-        """SIGKILL the node's process group and wait until it is gone."""
-        self.wanted = False
-        if self.proc is not None:
-            kill_group(self.proc.pid)
-            self.proc.wait(_GONE_TIMEOUT_S)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_lines(self) -> int:
-        """How many complete lines the current log holds now (a mark for `LabCluster.wait_log`)."""
-        return self.log().count("\n")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return f"--- {self.name} ({self.log_path.name}) ---\n{_tail(self.log_path, lines)}"
-
-    def close(self) -> None:
-        if self.running():
-            self.stop()
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
-
-
-class LabCluster:
+class LabCluster(NodeSet[LabNode]):
     """One MeshMQ node per lab host 1..lab.n, found by mDNS only, sharing one database.
 
     Configurations are built at construction (nothing starts); `extra` is merged into each."""
@@ -398,133 +283,34 @@ class LabCluster:
         self.pg_url = pg_url
         self.workers = workers
         self.extra = extra or {}
-        self.name = f"mqlab-{uuid.uuid4().hex[:12]}"
         cmd = list(command) if command is not None else _meshmq_command()
-        self.nodes = [LabNode(lab, i, workdir / f"n{i}", cmd) for i in range(1, lab.n + 1)]
+        super().__init__(
+            f"mqlab-{uuid.uuid4().hex[:12]}",
+            [LabNode(lab, i, workdir / f"n{i}", cmd) for i in range(1, lab.n + 1)],
+        )
         for nd in self.nodes:
             nd.config = self.config_for(nd)
-        self._followers: dict[Path, LogFollower] = {}
-        self._views: dict[Path, frozenset[str]] = {}
-
-    def node(self, i: int) -> LabNode:
-        if not 1 <= i <= len(self.nodes):
-            raise IndexError(f"node index {i} not in 1..{len(self.nodes)}")
-        return self.nodes[i - 1]
 
     def config_for(self, nd: LabNode) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "NodeName": nd.name,
-            "ListenAddress": nd.host,
-            "TCP": nd.port,
-            "Workers": self.workers,
-            "SessionStore": {"Type": "POSTGRES", "Postgres": {"Url": self.pg_url}},
-            "Mesh": {
-                "IpcDir": nd.ipc_dir,
-                "ClusterName": self.name,
-                "Port": nd.mesh_port,
-                "BindAddress": nd.host,
-                "PeerHeartbeatMs": PEER_HEARTBEAT_MS,
-                "SuspectAfterMs": SUSPECT_AFTER_MS,
-                "DeadAfterMs": DEAD_AFTER_MS,
-                "Plaintext": True,
-                "TcpIp": {"Enabled": False},
-                "Mdns": {
-                    "Enabled": True,
-                    "Interfaces": [nd.host],
-                    "AnnounceIntervalMs": ANNOUNCE_INTERVAL_MS,
-                },
-            },
+        mesh = {
+            "Plaintext": True,
+            "TcpIp": {"Enabled": False},
+            "Mdns": {"Enabled": True, "Interfaces": [nd.host], "AnnounceIntervalMs": ANNOUNCE_INTERVAL_MS},
         }
+        config = node_config(nd, self.name, workers=self.workers, pg_url=self.pg_url, mesh=mesh)
         return deep_merge(config, self.extra)
 
     def start(self, indexes: Iterable[int] | None = None, timeout_s: float = _START_TIMEOUT_S) -> LabCluster:
         """Launch the nodes (all, or `indexes`) together; wait until each one's worker listens."""
-        chosen = [self.node(i) for i in (indexes if indexes is not None else range(1, len(self.nodes) + 1))]
+        chosen = self._chosen(indexes)
         for nd in chosen:
             nd.launch()
-        deadline = time.monotonic() + timeout_s
-        for nd in chosen:
-            nd.wait_ready(max(0.1, deadline - time.monotonic()))
+        self._wait_ready(chosen, timeout_s)
         return self
-
-    def running(self) -> list[LabNode]:
-        return [nd for nd in self.nodes if nd.running()]
-
-    def stop_all(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-        """SIGTERM every running node at once, wait (SIGKILL past `timeout_s`), remove IPC dirs."""
-        for nd in self.nodes:
-            nd.wanted = False
-            if nd.running():
-                nd.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for nd in self.nodes:
-            if nd.proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    nd.proc.wait(max(0.1, deadline - time.monotonic()))
-                nd.kill()
-            nd.close()
-
-    def log_tails(self, lines: int = 40) -> str:
-        return "\n".join(nd.log_tail(lines) for nd in self.nodes if nd.starts)
-
-    # --- waiting on the logs
-
-    def _follow(self, nd: LabNode) -> frozenset[str] | None:
-        path = nd.log_path
-        follower = self._followers.setdefault(path, LogFollower(path))
-        for line in follower.new_lines():
-            view = parse_view(line)
-            if view is not None:
-                self._views[path] = view
-        return self._views.get(path)
-
-    def views(self) -> dict[str, frozenset[str] | None]:
-        """Each running node's latest `cluster view` (None if it logged none yet)."""
-        return {nd.name: self._follow(nd) for nd in self.running()}
 
     def wait_views(self, expected: Mapping[int, Iterable[str]], timeout_s: float = 20.0) -> float:
         """Wait until node i's latest view is `expected[i]` for every i given; the seconds waited.
 
         A node the test started that exited on its own is an error at once (with its log)."""
         want = {self.node(i).name: frozenset(names) for i, names in expected.items()}
-        started = time.monotonic()
-        deadline = started + timeout_s
-        while True:
-            crashed = [nd for nd in self.nodes if nd.wanted and not nd.running()]
-            if crashed:
-                tails = "\n".join(nd.log_tail() for nd in crashed)
-                raise AssertionError(f"nodes exited on their own: {[nd.name for nd in crashed]}\n{tails}")
-            views = {nd.name: self._follow(nd) for nd in self.nodes if nd.name in want}
-            if all(views[name] == names for name, names in want.items()):
-                return time.monotonic() - started
-            if time.monotonic() >= deadline:
-                shown = {name: sorted(v) if v is not None else None for name, v in views.items()}
-                wanted = {name: sorted(v) for name, v in want.items()}
-                raise AssertionError(
-                    f"lab cluster {self.name}: views {shown} are not {wanted} after {timeout_s}s\n"
-                    f"{self.log_tails()}"
-                )
-            time.sleep(_POLL_S)
-
-    def wait_members(self, timeout_s: float = 20.0) -> float:
-        """Wait until every running node sees exactly the running nodes; the seconds waited."""
-        names = [nd.name for nd in self.running()]
-        return self.wait_views({nd.index: names for nd in self.running()}, timeout_s)
-
-    def wait_log(self, i: int, regex: str, timeout_s: float = 10.0, after: int = 0) -> re.Match[str]:
-        """The first line of node i's current log, from line `after` on, that matches `regex`."""
-        nd = self.node(i)
-        pattern = re.compile(regex)
-        follower = LogFollower(nd.log_path)
-        seen = 0
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for line in follower.new_lines():
-                seen += 1
-                if seen > after and (found := pattern.search(line)) is not None:
-                    return found
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"no line matching {pattern.pattern!r} in {nd.log_path} within {timeout_s}s\n{nd.log_tail()}"
-                )
-            time.sleep(_POLL_S)
+        return self._wait_views(lambda: want, timeout_s)

@@ -7,6 +7,8 @@ group, logging to a file per start. Node i (1..n) is `n<i>` on 127.0.0.<i+1> (12
 ...), with an MQTT port and a mesh port of its own; all nodes share one PostgreSQL database and
 list every node (themselves included) in `Mesh.TcpIp.Members`, or find each other with mDNS on
 loopback (`mdns=True`). Heartbeat timeouts are short (200 / 600 / 1500 ms) so deaths show fast.
+The process, log and wait handling that the lab nodes share lives in `node_process.py`
+(`NodeProcess`, `NodeSet`); `LogFollower` and `parse_view` are re-exported from there.
 
 `wait_members` waits on the relay's log line `cluster view: alive=[n1, n2, n3]` (sorted node
 names, itself included, logged whenever its view changes): it reads every running node's current
@@ -20,34 +22,28 @@ free on the node's own address, so that `bind(0)` users never take them while a 
 Invariants:
 - A node keeps its name, ports, IPC directory and configuration across restarts; each start logs
   to a new file (`log_path` is the current one).
-- `kill` returns only when no process of the node's group is alive (zombies count as gone), so a
-  restart can bind the same ports.
+- `stop` and `kill` return only when no process of the node's group is alive (zombies count as
+  gone), so a restart can bind the same ports.
 - `start` returns when the node's MQTT port accepts connections; a node whose process exits
   before that raises with its log tail.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, ClassVar, Final
 
-import yaml
-
+from tests.cluster.node_process import LogFollower, NodeProcess, NodeSet, parse_view
 from tests.e2e.broker_proc import REPO, _meshmq_command, wait_listening
-from tests.e2e.workers_helpers import free_port_block
+from tests.e2e.workers_helpers import free_port_block, port_free
 
 __all__ = [
     "CLUSTER_READY",
@@ -56,19 +52,17 @@ __all__ = [
     "Node",
     "NodeExtra",
     "deep_merge",
+    "node_config",
     "parse_view",
 ]
 
 CLUSTER_READY: Final = (REPO / "mesh" / "cluster.py").exists()
 
-VIEW_LINE: Final = re.compile(r"cluster view: alive=\[([^\]]*)\]")
 PEER_HEARTBEAT_MS: Final = 200
 SUSPECT_AFTER_MS: Final = 600
 DEAD_AFTER_MS: Final = 1500
 _START_TIMEOUT_S: Final = 20.0
 _STOP_TIMEOUT_S: Final = 15.0
-_GONE_TIMEOUT_S: Final = 10.0
-_POLL_S: Final = 0.05
 _PORT_ATTEMPTS: Final = 50
 _START_ATTEMPTS: Final = 3
 _MAX_NODES: Final = 50
@@ -90,42 +84,29 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def parse_view(line: str) -> frozenset[str] | None:
-    """The node names of a `cluster view: alive=[a, b]` line, or None if it is no such line."""
-    found = VIEW_LINE.search(line)
-    if found is None:
-        return None
-    return frozenset(name.strip().strip("'\"") for name in found.group(1).split(",") if name.strip())
-
-
-class LogFollower:
-    """Reads a growing log file by complete lines, from where the last call stopped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def new_lines(self) -> list[str]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        return [line.decode(errors="replace") for line in lines]
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+def node_config(
+    nd: NodeProcess, cluster_name: str, *, workers: int, pg_url: str, mesh: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Node `nd`'s configuration in cluster `cluster_name`: its name, address and ports, `workers`
+    workers, the shared PostgreSQL database at `pg_url` and the short heartbeat timeouts; `mesh`
+    adds the `Mesh` keys of the transport and the discovery (CURVE or plaintext, members or mDNS)."""
+    return {
+        "NodeName": nd.name,
+        "ListenAddress": nd.host,
+        "TCP": nd.port,
+        "Workers": workers,
+        "SessionStore": {"Type": "POSTGRES", "Postgres": {"Url": pg_url}},
+        "Mesh": {
+            "IpcDir": nd.ipc_dir,
+            "ClusterName": cluster_name,
+            "Port": nd.mesh_port,
+            "BindAddress": nd.host,
+            "PeerHeartbeatMs": PEER_HEARTBEAT_MS,
+            "SuspectAfterMs": SUSPECT_AFTER_MS,
+            "DeadAfterMs": DEAD_AFTER_MS,
+            **mesh,
+        },
+    }
 
 
 def _free_ports(hosts: Sequence[str]) -> list[int]:
@@ -134,146 +115,45 @@ def _free_ports(hosts: Sequence[str]) -> list[int]:
     for _ in range(_PORT_ATTEMPTS):
         base = free_port_block(count)  # checked on 127.0.0.1, below the ephemeral range
         ports = [base + k for k in range(1, count + 1)]
-        if all(_port_free(hosts[k // 2], port) for k, port in enumerate(ports)):
+        if all(port_free(hosts[k // 2], port) for k, port in enumerate(ports)):
             return ports
     raise RuntimeError(f"no block of {count} free ports for {list(hosts)} in {_PORT_ATTEMPTS} attempts")
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes of process group `pgid`."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # comm may hold spaces: split after it
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry))
-    return alive
+class Node(NodeProcess):
+    """One MeshMQ node of a `Cluster`, started here (loopback addresses need no namespace)."""
 
-
-class Node:
-    """One MeshMQ node of a `Cluster`. `host`/`port` make it a broker address for the test clients."""
-
-    def __init__(
-        self,
-        index: int,
-        workdir: Path,
-        host: str,
-        port: int,
-        mesh_port: int,
-        command: Sequence[str],
-    ) -> None:
-        self.index = index
-        self.name = f"n{index}"
-        self.workdir = workdir
-        self.host = host
-        self.port = port
-        self.mesh_port = mesh_port
-        self.command = list(command)
-        self.config: dict[str, Any] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.wanted = False  # started by the test and not stopped or killed by it since
-        # Unix socket paths are short (108 bytes): the IPC directory lives under /tmp, not tmp_path.
-        self.ipc_dir = tempfile.mkdtemp(prefix=f"mqc{index}.", dir="/tmp")
+    STOP_TIMEOUT_S: ClassVar[float] = _STOP_TIMEOUT_S
+    IPC_PREFIX: ClassVar[str] = "mqc"
 
     def __repr__(self) -> str:
         return f"Node({self.name} {self.host}:{self.port} mesh {self.mesh_port} pid {self.pid})"
 
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / f"{self.name}.yaml"
-
-    @property
-    def log_path(self) -> Path:
-        """The log of the current (latest) start."""
-        return self.workdir / f"{self.name}-{max(self.starts, 1)}.log"
-
-    @property
-    def pid(self) -> int | None:
-        """The supervisor's pid (it leads the node's process group), None before the first start."""
-        return self.proc.pid if self.proc is not None else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def write_config(self) -> Path:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        return self.config_path
-
-    def launch(self) -> None:
-        """Start the process (config rewritten from `self.config`) without waiting for it."""
-        if self.running():
-            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
-        self.write_config()
-        self.starts += 1
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*self.command, "-cluster", "-config", str(self.config_path)],
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: kill() takes every child with it
-            )
-        self.wanted = True
+    def _spawn(self, argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill() takes every child with it
+        )
 
     def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> None:
         """Wait until the MQTT port accepts; RuntimeError with the log tail if the node exited."""
         assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
         try:
             wait_listening(self.host, self.port, self.proc, timeout_s)
         except (RuntimeError, TimeoutError) as e:
             raise RuntimeError(f"{self.name}: {e}\n{self.log_tail()}") from e
-
-    def start(self, timeout_s: float = _START_TIMEOUT_S) -> Node:
-        self.launch()
-        self.wait_ready(timeout_s)
-        return self
-
-    def send_signal(self, sig: int) -> None:
-        """Send `sig` to the node's whole process group (if it was started)."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-
-    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM (a graceful drain) and wait; SIGKILL if it takes longer than `timeout_s`."""
-        self.wanted = False
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.returncode
-        self._wait_group_gone()
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL the node's process group (a crash: nothing flushed) and wait until it is gone."""
-        self.wanted = False
-        if self.proc is None:
-            return
-        self.send_signal(signal.SIGKILL)
-        self.proc.wait(_GONE_TIMEOUT_S)
-        self._wait_group_gone()
-
-    def _wait_group_gone(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + _GONE_TIMEOUT_S
-        while alive := _group_alive(self.proc.pid):
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name}: processes {alive} still alive after {_GONE_TIMEOUT_S}s")
-            self.send_signal(signal.SIGKILL)  # a worker that outlived its supervisor
-            time.sleep(0.01)
+        # Every worker listens (the first one to listen makes the port accept; tests that place
+        # clients on several workers need them all): "worker N: MQTT on" for each.
+        workers = int(self.config.get("Workers", 1) or 1)
+        while len(set(re.findall(r"worker (\d+): MQTT on", self.log()))) < workers:
+            if time.monotonic() >= deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: not every worker listens\n{self.log_tail()}")
+            time.sleep(0.02)
 
     def pause(self) -> None:
         """SIGSTOP the node's group: a hung node (the kernel still accepts TCP for it)."""
@@ -288,25 +168,8 @@ class Node:
             self.stop()
         return self.start(timeout_s)
 
-    def log(self) -> str:
-        """The current start's log."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
-    def log_tail(self, lines: int = 40) -> str:
-        text = "\n".join(self.log().splitlines()[-lines:])
-        return f"--- {self.name} ({self.log_path.name}) ---\n{text}"
-
-    def close(self) -> None:
-        """Stop if running and remove the IPC directory."""
-        if self.running():
-            self.stop()
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
-
-
-class Cluster:
+class Cluster(NodeSet[Node]):
     """n MeshMQ nodes sharing one PostgreSQL database; see the module docstring.
 
     Configurations are written at construction (nothing starts): `start` starts every node, or
@@ -334,18 +197,18 @@ class Cluster:
         self.mdns = mdns
         self.curve = curve
         self.extra = extra
-        # mDNS on lo is shared by every test of the machine: a name no other test uses.
-        self.name = f"mq-{next(_cluster_numbers)}-{uuid.uuid4().hex[:12]}"
-        self.key_file = self._make_keys() if curve else ""
         hosts = [f"127.0.0.{i + 1}" for i in range(1, n + 1)]
         ports = _free_ports(hosts)
         cmd = list(command) if command is not None else _meshmq_command()
-        self.nodes = [
-            Node(i, self.workdir / f"n{i}", hosts[i - 1], ports[2 * i - 2], ports[2 * i - 1], cmd)
-            for i in range(1, n + 1)
-        ]
-        self._followers: dict[Path, LogFollower] = {}
-        self._views: dict[Path, frozenset[str]] = {}
+        # mDNS on lo is shared by every test of the machine: a name no other test uses.
+        super().__init__(
+            f"mq-{next(_cluster_numbers)}-{uuid.uuid4().hex[:12]}",
+            [
+                Node(i, self.workdir / f"n{i}", hosts[i - 1], ports[2 * i - 2], ports[2 * i - 1], cmd)
+                for i in range(1, n + 1)
+            ],
+        )
+        self.key_file = self._make_keys() if curve else ""
         self.write_configs()
 
     def _make_keys(self) -> str:
@@ -356,29 +219,12 @@ class Cluster:
         _public, secret = generate(str(keys), "cluster")
         return secret
 
-    def node(self, i: int) -> Node:
-        """Node i, 1..n (named n<i>)."""
-        if not 1 <= i <= len(self.nodes):
-            raise IndexError(f"node index {i} not in 1..{len(self.nodes)}")
-        return self.nodes[i - 1]
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
     def members(self) -> list[str]:
         """`Mesh.TcpIp.Members` of every node: every node's `host:mesh_port`."""
         return [f"{nd.host}:{nd.mesh_port}" for nd in self.nodes]
 
     def config_for(self, nd: Node) -> dict[str, Any]:
-        mesh: dict[str, Any] = {
-            "IpcDir": nd.ipc_dir,
-            "ClusterName": self.name,
-            "Port": nd.mesh_port,
-            "BindAddress": nd.host,
-            "PeerHeartbeatMs": PEER_HEARTBEAT_MS,
-            "SuspectAfterMs": SUSPECT_AFTER_MS,
-            "DeadAfterMs": DEAD_AFTER_MS,
-        }
+        mesh: dict[str, Any] = {}
         if self.curve:
             mesh["Curve"] = {"KeyFile": self.key_file}
         else:
@@ -388,14 +234,7 @@ class Cluster:
             mesh["Mdns"] = {"Enabled": True, "Interfaces": ["127.0.0.1"]}
         else:
             mesh["TcpIp"] = {"Members": self.members()}
-        config: dict[str, Any] = {
-            "NodeName": nd.name,
-            "ListenAddress": nd.host,
-            "TCP": nd.port,
-            "Workers": self.workers,
-            "SessionStore": {"Type": "POSTGRES", "Postgres": {"Url": self.pg_url}},
-            "Mesh": mesh,
-        }
+        config = node_config(nd, self.name, workers=self.workers, pg_url=self.pg_url, mesh=mesh)
         extra = self.extra(nd.index) if callable(self.extra) else self.extra
         return deep_merge(config, extra or {})
 
@@ -412,14 +251,12 @@ class Cluster:
 
         If a node exits before listening because a port was taken meanwhile (another test),
         every node gets new ports and the start is tried again (up to 3 times)."""
-        chosen = [self.node(i) for i in (indexes if indexes is not None else range(1, len(self) + 1))]
+        chosen = self._chosen(indexes)
         for attempt in range(1, _START_ATTEMPTS + 1):
             for nd in chosen:
                 nd.launch()
-            deadline = time.monotonic() + timeout_s
             try:
-                for nd in chosen:
-                    nd.wait_ready(max(0.1, deadline - time.monotonic()))
+                self._wait_ready(chosen, timeout_s)
                 return self
             except RuntimeError:
                 taken = any("Address already in use" in nd.log() for nd in chosen)
@@ -436,84 +273,3 @@ class Cluster:
         for k, nd in enumerate(self.nodes):
             nd.port, nd.mesh_port = ports[2 * k], ports[2 * k + 1]
         self.write_configs()
-
-    def running(self) -> list[Node]:
-        return [nd for nd in self.nodes if nd.running()]
-
-    def stop_all(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-        """SIGTERM every running node at once, wait (SIGKILL past `timeout_s`), remove IPC dirs."""
-        for nd in self.nodes:
-            nd.wanted = False
-            if nd.running():
-                nd.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for nd in self.nodes:
-            if nd.proc is not None:
-                try:
-                    nd.proc.wait(max(0.1, deadline - time.monotonic()))
-                    nd._wait_group_gone()
-                except subprocess.TimeoutExpired:
-                    nd.kill()
-            nd.close()
-
-    def log_tails(self, lines: int = 40) -> str:
-        return "\n".join(nd.log_tail(lines) for nd in self.nodes if nd.starts)
-
-    # --- waiting on the logs
-
-    def _follow(self, nd: Node) -> frozenset[str] | None:
-        """Read `nd`'s new log lines; its latest view in its current log (None: none yet)."""
-        path = nd.log_path
-        follower = self._followers.setdefault(path, LogFollower(path))
-        for line in follower.new_lines():
-            view = parse_view(line)
-            if view is not None:
-                self._views[path] = view
-        return self._views.get(path)
-
-    def views(self) -> dict[str, frozenset[str] | None]:
-        """Each running node's latest `cluster view` (None if it logged none yet)."""
-        return {nd.name: self._follow(nd) for nd in self.running()}
-
-    def wait_members(self, timeout_s: float = 20.0, expected: Iterable[str] | None = None) -> None:
-        """Wait until every running node's latest view is `expected` (default: the running nodes).
-
-        A node the test started that exited on its own is an error at once (with its log)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            crashed = [nd for nd in self.nodes if nd.wanted and not nd.running()]
-            if crashed:
-                tails = "\n".join(nd.log_tail() for nd in crashed)
-                raise AssertionError(f"nodes exited on their own: {[nd.name for nd in crashed]}\n{tails}")
-            running = self.running()
-            want = frozenset(expected) if expected is not None else frozenset(nd.name for nd in running)
-            views = {nd.name: self._follow(nd) for nd in running}
-            if running and all(view == want for view in views.values()):
-                return
-            if time.monotonic() >= deadline:
-                shown = {name: sorted(v) if v is not None else None for name, v in views.items()}
-                raise AssertionError(
-                    f"cluster {self.name}: views {shown} are not all {sorted(want)} after {timeout_s}s\n"
-                    f"{self.log_tails()}"
-                )
-            time.sleep(_POLL_S)
-
-    def wait_log(
-        self, node: Node | int, regex: str | re.Pattern[str], timeout_s: float = 10.0, after: int = 0
-    ) -> re.Match[str]:
-        """The first line of `node`'s current log (from line `after` on) matching `regex`."""
-        nd = self.node(node) if isinstance(node, int) else node
-        pattern = re.compile(regex)
-        follower = LogFollower(nd.log_path)
-        seen = 0
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for line in follower.new_lines():
-                seen += 1
-                if seen > after and (found := pattern.search(line)) is not None:
-                    return found
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"no line matching {pattern.pattern!r} in {nd.log_path} within {timeout_s}s\n{nd.log_tail()}"
-                )
-            time.sleep(_POLL_S)

@@ -34,9 +34,10 @@ from typing import IO, Final
 import pytest
 
 from tests.cluster import netns
-from tests.cluster.lab_nodes import LAB_MESH_PORT, LabCluster, LabNode, LabPostgres, kill_group
+from tests.cluster.lab_nodes import LAB_MESH_PORT, LabCluster, LabNode, LabPostgres
 from tests.cluster.netns import CLIENT, Lab
 from tests.e2e.broker_proc import BROKER_KIND
+from tests.process_group import kill_group
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(90)]
 

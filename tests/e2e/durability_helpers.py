@@ -23,7 +23,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import shutil
@@ -39,6 +38,7 @@ from tests.e2e.broker_proc import BrokerProcess
 from tests.e2e.clients import TestClient
 from tests.e2e.rawclient import RawClient
 from tests.e2e.workers_helpers import free_port_block
+from tests.process_group import kill_group
 
 __all__ = [
     "NODE_NAME",
@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 NODE_NAME = "durable-node"
-_GONE_TIMEOUT_S = 10.0
 
 
 def sqlite_store(path: Path) -> dict[str, Any]:
@@ -65,23 +64,6 @@ def sqlite_store(path: Path) -> dict[str, Any]:
 def postgres_store(url: str, schema: str = "meshmq") -> dict[str, Any]:
     """The `SessionStore` section for a PostgreSQL database (trust auth: no user or password)."""
     return {"Type": "POSTGRES", "Postgres": {"Url": url, "Schema": schema, "PoolSize": 4}}
-
-
-def _group_alive(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes of process group `pgid`."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after it.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry))
-    return alive
 
 
 @dataclass
@@ -111,13 +93,7 @@ class DurableNode:
         assert proc is not None and proc.poll() is None, "the node is not running"
         pgid = proc.pid  # started with start_new_session: the supervisor leads its group
         self.broker.kill()
-        deadline = time.monotonic() + _GONE_TIMEOUT_S
-        while alive := _group_alive(pgid):
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"processes {alive} of the killed node still alive after {_GONE_TIMEOUT_S}s"
-                )
-            time.sleep(0.01)
+        kill_group(pgid, label="the killed node: ")  # waits; SIGKILLs a child that outlived it
 
     def restart(self) -> None:
         """Start the node again: same config, database, node name and port; return once this

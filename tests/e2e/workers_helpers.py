@@ -44,6 +44,7 @@ __all__ = [
     "free_port_block",
     "missing_and_duplicates",
     "numbered",
+    "port_free",
     "seqs",
     "start_worker_node",
     "take_until",
@@ -67,7 +68,8 @@ class WorkerAddress:
     worker: int  # 1..N; 0 = the shared port (any worker)
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether `host:port` can be bound now (TCP; closed again at once)."""
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -89,7 +91,7 @@ def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 200) ->
     rng = random.Random()
     for _ in range(attempts):
         base = rng.randrange(20_000, top)
-        if all(_port_free(host, base + i) for i in range(1, count + 1)):
+        if all(port_free(host, base + i) for i in range(1, count + 1)):
             return base
     raise RuntimeError(f"no block of {count} free ports found in {attempts} attempts")
 

@@ -32,6 +32,7 @@ import zmq
 from mesh import cluster
 from mesh.cluster import ClusterLinks, LinkSettings
 from mesh.peers import Frames, Peer, State
+from tests.unit.mesh.stepping import step_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,18 +190,13 @@ def free_ports(count: int) -> list[int]:
 
 def pump(nodes: Sequence[Node], until: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     """Drive the running nodes until `until()` holds or the time is up; bounded in time and count."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(20_000):
-        now = time.monotonic()
+
+    def step(now: float) -> None:
         for node in nodes:
             if node.running:
                 node.step(now)
-        if until():
-            return True
-        if now > deadline:
-            break
-        time.sleep(0.003)
-    return until()
+
+    return step_until(step, until, timeout_s)
 
 
 def run_for(nodes: Sequence[Node], seconds: float) -> None:

@@ -36,6 +36,7 @@ from mesh.envelope import CH_DURABLE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED,
 from mesh.peers import Frames, OutStream, Peer, State
 from mesh.relay import Relay, RelaySettings, _Worker
 from mesh.sockets import endpoint
+from tests.unit.mesh.stepping import step_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -783,9 +784,8 @@ def alive_to_each_other(a: Harness, b: Harness) -> bool:
 
 def drive(harnesses: list[Harness], until: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     """The relays' serve loop, minus the workers' data sockets; bounded in time and count."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(20_000):
-        now = time.monotonic()
+
+    def step(now: float) -> None:
         for harness in harnesses:
             relay = harness.relay
             links = relay.links
@@ -796,12 +796,8 @@ def drive(harnesses: list[Harness], until: Callable[[], bool], timeout_s: float 
             links.tick(now)
             relay.cluster_timers(now)
             relay._complete_syncs(now)
-        if until():
-            return True
-        if now > deadline:
-            break
-        time.sleep(0.003)
-    return until()
+
+    return step_until(step, until, timeout_s)
 
 
 def test_routes_reach_the_other_relay(pair: tuple[Harness, Harness]) -> None:
