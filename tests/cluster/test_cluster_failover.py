@@ -90,7 +90,6 @@ def started(cluster_factory: ClusterFactory, **kw: object) -> Cluster:
 # --- takeover -----------------------------------------------------------------------------------
 
 
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "clean_start",
@@ -268,7 +267,6 @@ def test_publisher_node_killed_mid_stream_loses_no_acked_message(
     # (a number PUBACKed just before the kill may reach n1's and n2's online subscribers only
     # through the store: the survivors' workers re-read their rows, see `rescan` in PROTOCOL.md)
     _assert_no_losses(receivers, pub.acked, "publisher-node kill")
-
 
 
 def test_acked_message_of_a_node_dying_before_forwarding_reaches_online_subscriber(
