@@ -35,12 +35,15 @@ import yaml
 
 from broker.config_mesh import (
     _CLUSTER,
+    _HTTP,
     _MESH,
     ClusterConfig,
     CurveConfig,
     DnsConfig,
+    HttpConfig,
     MdnsConfig,
     MeshConfig,
+    SplitBrainConfig,
     TcpIpConfig,
     _check_mesh,
 )
@@ -66,12 +69,14 @@ __all__ = [
     "ConfigError",
     "CurveConfig",
     "DnsConfig",
+    "HttpConfig",
     "LoggingConfig",
     "MdnsConfig",
     "MeshConfig",
     "MqttConfig",
     "PostgresConfig",
     "SessionStoreConfig",
+    "SplitBrainConfig",
     "SqliteConfig",
     "StoreType",
     "TcpIpConfig",
@@ -150,6 +155,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     cluster_config: ClusterConfig = field(default_factory=ClusterConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @property
     def worker_count(self) -> int:
@@ -240,11 +246,12 @@ _TOP: Final = _Section(
         "ShutdownGrace": ("shutdown_grace_s", _positive_seconds),
         "MQTT": ("mqtt", _MQTT),
         "Cluster": ("cluster_config", _CLUSTER),
+        "Http": ("http", _HTTP),
         "Mesh": ("mesh", _MESH),
         "SessionStore": ("session_store", _SESSION_STORE),
         "Logging": ("logging", _LOGGING),
     },
-    later=frozenset({"Http", "TCPS", "WS", "WSS", "Auth"}),
+    later=frozenset({"TCPS", "WS", "WSS", "Auth"}),
 )
 
 

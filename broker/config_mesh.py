@@ -99,11 +99,33 @@ class MeshConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitBrainConfig:
+    """Cluster.SplitBrainProtection: what a node does when it sees too few live members."""
+
+    minimum_cluster_size: int = (
+        0  # MinimumClusterSize: live members (self included) below which a node is in the minority; 0 = off
+    )
+    allow_connect: bool = (
+        False  # AllowConnect: keep clients and accept CONNECTs in the minority (risky: sessions may split)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Http: the node's HTTP port for health checks, metrics and admin (served by the relay)."""
+
+    port: int = 0  # Http.Port; 0 = no HTTP
+    bind_address: str = ""  # Http.BindAddress; "" = ListenAddress
+    admin_token: str = field(default="", repr=False)  # Http.AdminToken; "" = write endpoints refused
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     enabled: bool = False  # Cluster.Enabled: same as -cluster
     # Cluster.ServerReference: sent to MQTT 5 clients with DISCONNECT 0x9C when this node drains
     # ("" = 0x8B without reference)
     server_reference: str = ""
+    split_brain: SplitBrainConfig = field(default_factory=SplitBrainConfig)
 
 
 # --- peer list items: Mesh.TcpIp.Members, Mesh.Dns.Names, Mesh.Mdns.Interfaces -------------------
@@ -225,10 +247,31 @@ _MESH: Final = _Section(
     },
 )
 
+_SPLIT_BRAIN: Final = _Section(
+    SplitBrainConfig,
+    {
+        "MinimumClusterSize": ("minimum_cluster_size", _integer(0, 1000)),
+        "AllowConnect": ("allow_connect", _boolean),
+    },
+)
+
 _CLUSTER: Final = _Section(
     ClusterConfig,
-    {"Enabled": ("enabled", _boolean), "ServerReference": ("server_reference", _text())},
-    later=frozenset({"SplitBrainProtection", "MergePolicy"}),
+    {
+        "Enabled": ("enabled", _boolean),
+        "ServerReference": ("server_reference", _text()),
+        "SplitBrainProtection": ("split_brain", _SPLIT_BRAIN),
+    },
+    later=frozenset({"MergePolicy"}),
+)
+
+_HTTP: Final = _Section(
+    HttpConfig,
+    {
+        "Port": ("port", _integer(0, 65535)),
+        "BindAddress": ("bind_address", _bind_address),
+        "AdminToken": ("admin_token", _text()),
+    },
 )
 
 

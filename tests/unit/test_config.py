@@ -170,6 +170,11 @@ GOOD: list[tuple[str, object, str, object]] = [
     ("Cluster.Enabled", True, "cluster_config.enabled", True),
     ("Cluster.Enabled", True, "cluster", True),
     ("Cluster.ServerReference", "node-2:1883", "cluster_config.server_reference", "node-2:1883"),
+    ("Cluster.SplitBrainProtection.MinimumClusterSize", 2, "cluster_config.split_brain.minimum_cluster_size", 2),
+    ("Cluster.SplitBrainProtection.AllowConnect", True, "cluster_config.split_brain.allow_connect", True),
+    ("Http.Port", 8080, "http.port", 8080),
+    ("Http.BindAddress", "127.0.0.1", "http.bind_address", "127.0.0.1"),
+    ("Http.AdminToken", "s3cret", "http.admin_token", "s3cret"),
     ("MQTT.MaxConnections", 1, "mqtt.max_connections", 1),
     ("MQTT.MaxPacketSize", 128, "mqtt.max_packet_bytes", 128),
     ("MQTT.MaxInflight", 65535, "mqtt.max_inflight", 65535),
@@ -255,6 +260,11 @@ BAD: list[tuple[str, object, str, str]] = [
     ("Mesh.Curve", ["x"], "a mapping", "a list"),
     ("Cluster.Enabled", "yes", "true or false", "'yes'"),
     ("Cluster.ServerReference", 5, "a string", "5"),
+    ("Cluster.SplitBrainProtection.MinimumClusterSize", -1, "an integer from 0 to 1000", "-1"),
+    ("Cluster.SplitBrainProtection.AllowConnect", "no", "true or false", "'no'"),
+    ("Http.Port", 65536, "an integer from 0 to 65535", "65536"),
+    ("Http.BindAddress", "not an address!", "", "'not an address!'"),
+    ("Http.AdminToken", 5, "a string", "5"),
     ("MQTT.MaxConnections", 0, "an integer >= 1", "0"),
     ("MQTT.MaxPacketSize", 127, "an integer from 128 to 268435455", "127"),
     ("MQTT.MaxPacketSize", 268_435_456, "an integer from 128 to 268435455", "268435456"),
@@ -342,7 +352,7 @@ def test_unknown_nested_key() -> None:
 
 
 @pytest.mark.parametrize(
-    "section", ["Http", "TCPS", "WS", "WSS", "Auth", "Cluster.SplitBrainProtection", "Cluster.MergePolicy"]
+    "section", ["TCPS", "WS", "WSS", "Auth", "Cluster.MergePolicy"]
 )
 def test_sections_of_later_versions_are_refused(section: str) -> None:
     message = error_of(nested(section, {}))
