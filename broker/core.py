@@ -66,6 +66,8 @@ class BrokerCore(SessionLifecycle, Delivery):
         # CONNECTs whose session is still being claimed or loaded, by client id: a newer claim
         # elsewhere must abort them, since they have no session to release yet
         self.connecting: dict[str, ServerConnection] = {}
+        self.minority = False  # split-brain protection: refuse clients (see set_minority)
+        self.minority_reference = ""
         self.connections: set[ServerConnection] = set()
         self.connected_count = 0
         self.subscriptions: TopicTree[str, SubEntry] = TopicTree()
@@ -208,6 +210,32 @@ class BrokerCore(SessionLifecycle, Delivery):
                 session.expires_at = now + session.expiry_interval_s
                 self._add_timer(session.expires_at, session.client_id, "expiry")
             self.store.session_online(session, False)
+
+    def gauges(self, now: float) -> dict[str, int]:
+        """What this worker holds right now (for /metrics and $SYS)."""
+        online = sum(1 for s in self.sessions.values() if s.connection is not None)
+        return {
+            "connections": len(self.connections),
+            "sessions_online": online,
+            "sessions_offline": len(self.sessions) - online,
+            "queued_messages": sum(len(s.queue) for s in self.sessions.values()),
+            "inflight_messages": sum(len(s.inflight) for s in self.sessions.values()),
+            "subscriptions": len(self.subscriptions),
+            "retained_messages": len(self.retained),
+            "store_wait_ms": self.store.oldest_wait_ms(now),
+        }
+
+    def set_minority(self, minority: bool, server_reference: str) -> None:
+        """Split-brain protection: this node sees too few live members. New CONNECTs are refused
+        and connected clients are sent elsewhere (0x9C, with the server reference if one is
+        configured), so that a load balancer moves them to the majority."""
+        was, self.minority = self.minority, minority
+        self.minority_reference = server_reference
+        if minority and not was:
+            moved = Properties(server_reference=server_reference or None)
+            for conn in list(self.connections):
+                if conn.session is not None:
+                    conn.close("this node is in the cluster's minority", Reason.USE_ANOTHER_SERVER, moved)
 
     def shutdown(self, server_reference: str = "") -> None:
         """Drain: tell 5.0 clients the server is shutting down [MQTT-4.13 / 0x8B] and close all;

@@ -194,6 +194,9 @@ class ControlPlane:
             (node,) = body
             assert isinstance(node, str)
             core.recover_node(node)
+        elif kind == "minority":
+            minority, reference = body
+            core.set_minority(bool(minority), str(reference or ""))
         elif kind == "rescan":
             core.rescan_online()
         elif kind == "reassert":

@@ -534,6 +534,8 @@ class WorkerMesh(ControlPlane):
             if now >= self._next_hb:
                 self._next_hb = now + self.config.mesh.heartbeat_ms / 1000
                 self._control("hb", self.index, self.incarnation)
+                if core is not None:
+                    self._control("stats", self.index, core.counters.snapshot(), core.gauges(now))
             self._control_timers(now)
             if self.outbox:
                 self._drain_outbox()

@@ -42,6 +42,9 @@ class SessionStore(Protocol):
     def recover(self, node: str, done: Callable[[list[tuple[str, Will]], float], None]) -> None:
         """Another node died: mark its sessions offline; done(their wills, now)."""
 
+    def oldest_wait_ms(self, now: float) -> int:
+        """How long the oldest request still waits for the store (0: none): health's store status."""
+
     def session_online(self, session: Session, online: bool) -> None:
         """The session's client connected or went away."""
 
@@ -141,6 +144,9 @@ class MemorySessionStore:
 
     def recover(self, node: str, done: Callable[[list[tuple[str, Will]], float], None]) -> None:
         raise AssertionError("a cluster needs a store")
+
+    def oldest_wait_ms(self, now: float) -> int:
+        return 0
 
     def session_online(self, session: Session, online: bool) -> None:
         pass

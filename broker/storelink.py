@@ -92,6 +92,7 @@ class StoreLink:
         self.sub.subscribe(CH_DURABLE)
         self.req_id = 0
         self.waiting: dict[int, Callable[[env.Control, float], None]] = {}
+        self.sent_at: dict[int, float] = {}  # req_id -> when it was sent (insertion order = age order)
         self.durable: TopicTree[str, SubEntry] = TopicTree()
         self.durable_subs: dict[str, tuple[SubscriptionRecord, ...]] = {}
         self.acks: dict[str, list[int]] = {}
@@ -177,6 +178,7 @@ class StoreLink:
         self.req_id += 1
         if done is not None:
             self.waiting[self.req_id] = done
+            self.sent_at[self.req_id] = self.loop.time()
         self.dealer.send(env.pack_control(kind, self.req_id, *body), zmq.NOBLOCK)
 
     def session_saved(self, session: Session, done: Callable[[float], None] | None = None) -> None:
@@ -228,6 +230,11 @@ class StoreLink:
         self._request(
             "save", (wire.session_to_wire(record),), None if done is None else lambda control, now: done(now)
         )
+
+    def oldest_wait_ms(self, now: float) -> int:
+        for sent in self.sent_at.values():
+            return max(0, int((now - sent) * 1000))
+        return 0
 
     def session_removed(self, client_id: str, done: Callable[[float], None] | None = None) -> None:
         self._set_durable(client_id, None)
@@ -426,6 +433,7 @@ class StoreLink:
                 log.warning("store: bad reply dropped: %s", exc)
                 continue
             done = self.waiting.pop(control.req_id, None)
+            self.sent_at.pop(control.req_id, None)
             if done is None:
                 continue
             try:

@@ -36,7 +36,7 @@ from broker.worker import die_with_parent, worker_process
 from mesh.cluster import LinkSettings
 from mesh.relay import ClusterSettings, RelaySettings
 from mesh.relay import run as run_relay_loop
-from mesh.sockets import STOP_SIGNAL, default_ipc_dir, prepare_ipc_dir
+from mesh.sockets import DRAIN_SIGNAL, STOP_SIGNAL, default_ipc_dir, prepare_ipc_dir
 from store.service import StoreSettings
 from store.service import run as run_store
 
@@ -72,8 +72,18 @@ def relay_process(config: Config, ipc_dir: str) -> None:
             store=config.session_store.type is not StoreType.MEMORY,
             node=config.node_name,
             cluster=cluster_settings(config) if config.cluster else None,
+            http_host=config.http.bind_address or config.listen_address,
+            http_port=config.http.port,
+            http_token=config.http.admin_token,
+            version=_version(),
         )
     )
+
+
+def _version() -> str:
+    from broker.cli import package_version
+
+    return package_version()
 
 
 def cluster_settings(config: Config) -> ClusterSettings:
@@ -100,6 +110,9 @@ def cluster_settings(config: Config) -> ClusterSettings:
         curve_key_file=mesh.curve.key_file,
         curve_allowed_dir=mesh.curve.allowed_keys_dir,
         plaintext=mesh.plaintext,
+        minimum_cluster_size=config.cluster_config.split_brain.minimum_cluster_size,
+        allow_connect=config.cluster_config.split_brain.allow_connect,
+        server_reference=config.cluster_config.server_reference,
     )
 
 
@@ -201,6 +214,9 @@ class Supervisor:
         workers = [c for c in self.children if c.name.startswith("worker")]
         relay = [c for c in self.children if c.name == "relay"]
         store = [c for c in self.children if c.name == "store"]
+        for child in relay:  # /health says DRAINING at once (load balancers stop sending clients)
+            if child.process is not None and child.process.is_alive():
+                os.kill(child.process.pid or 0, DRAIN_SIGNAL)
         for group in (workers, relay, store):
             for child in group:
                 if child.process is not None and child.process.is_alive():

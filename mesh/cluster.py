@@ -66,6 +66,9 @@ class LinkHandler(Protocol):
     def peer_gone(self, peer: Peer, why: State) -> None:
         """The peer is DEAD or LEFT: remove its routes, registry entries and shared members."""
 
+    def drain_requested(self, peer: Peer) -> None:
+        """The peer asks this node to drain (`meshctl drain`, through its HTTP API)."""
+
     def view_changed(self, alive: list[str]) -> None:
         """The set of ALIVE nodes (with us) changed."""
 
@@ -120,6 +123,8 @@ class ClusterLinks:
         self._next_discovery = 0.0
         self._foreign: set[tuple[str, str]] = set()
         self._ack_due: dict[str, float] = {}
+        self._pings: dict[int, tuple[float, Callable[[float], object]]] = {}
+        self._ping_no = 0
         self._held_at = -1.0
         self.router = ctx.socket(zmq.ROUTER)
         _tune(self.router, settings)
@@ -259,13 +264,14 @@ class ClusterLinks:
         for (host, port), _dealer in list(self.dealers.items()):
             peer = by_address.get((host, port))
             acked = head = None
-            echo = 0
+            echo: list[int] | int = 0
             if peer is not None:
                 if peer.inn.stream:
                     acked = [peer.inn.stream, peer.inn.applied]
                 if peer.out is not None:
                     head = [peer.out.stream, peer.out.seq]
-                echo = peer.last_sent_ms
+                # the peer's last hb time, and how long we held it: its round trip excludes our wait
+                echo = [peer.last_sent_ms, sent_ms - peer.last_sent_seen_ms] if peer.last_sent_ms else 0
             self._unsequenced(
                 host,
                 port,
@@ -299,6 +305,17 @@ class ClusterLinks:
                 dealer.port,
                 NO_ANSWER_S,
             )
+
+    def ping(self, peer: Peer, done: Callable[[float], object]) -> None:
+        """A round trip over the link; done(rtt_ms) when the peer's pong comes back."""
+        self._ping_no += 1
+        if len(self._pings) > 1000:
+            self._pings.clear()
+        self._pings[self._ping_no] = (time.monotonic(), done)
+        self._unsequenced(peer.host, peer.port, "ping", [self._ping_no])
+
+    def ask_drain(self, peer: Peer) -> None:
+        self._unsequenced(peer.host, peer.port, "drain", [])
 
     def leave(self) -> None:
         """Say `bye` to every peer (drain): they forget us at once instead of waiting."""
@@ -412,10 +429,11 @@ class ClusterLinks:
                 peer.out.ack(int(acked[0]), int(acked[1]))  # type: ignore[index]
             if isinstance(head, list) and len(head) == 2:
                 self._check_head(now, peer, int(head[0]), int(head[1]))
-            if isinstance(echo, int) and echo:
-                peer.rtt_ms = max(0.0, time.monotonic() * 1000 - echo)
+            if isinstance(echo, list) and len(echo) == 2:
+                peer.rtt_ms = max(0.0, time.monotonic() * 1000 - int(echo[0]) - int(echo[1]))
             if isinstance(sent_ms, int):
                 peer.last_sent_ms = sent_ms
+                peer.last_sent_seen_ms = int(time.monotonic() * 1000)
             if isinstance(alive, list):
                 for entry in alive:  # gossip: candidates only
                     name, other_host, other_port = entry
@@ -434,6 +452,18 @@ class ClusterLinks:
             return
         if kind == "resend":
             self._resend(peer, int(body[0]), int(body[1]))  # type: ignore[call-overload]
+            return
+        if kind == "ping":
+            self._unsequenced(peer.host, peer.port, "pong", [body[0]])
+            return
+        if kind == "pong":
+            waiting = self._pings.pop(int(body[0]), None)  # type: ignore[call-overload]
+            if waiting is not None:
+                waiting[1]((time.monotonic() - waiting[0]) * 1000)
+            return
+        if kind == "drain":
+            log.warning("node %s asks this node to drain", node)
+            self.handler.drain_requested(peer)
             return
         if kind == "bye":
             log.info("node %s left the cluster", node)

@@ -255,7 +255,9 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "deadnode": 1,  # relay -> workers [node]: forget the node's shared members
         "reassert": 0,  # relay -> worker []: a node that recovered our sessions is back: mark ours online
         "resync": 0,
-        "rescan": 0,  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again
+        "rescan": 0,
+        "stats": 3,  # worker -> relay [index, counters, gauges]: every heartbeat, for /metrics
+        "minority": 2,  # relay -> workers [minority, server_reference]: split-brain protection  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again
     }
 )
 

@@ -34,12 +34,15 @@ from mesh import envelope as env
 from mesh.cluster import ClusterLinks, LinkSettings
 from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_SHARED, Item
 from mesh.errors import EnvelopeError
+from mesh.http import HttpApi
 from mesh.relay_cluster import ClusterRelay, ClusterState
-from mesh.sockets import STOP_SIGNAL, endpoint, send_queued
+from mesh.relay_view import RelayView
+from mesh.sockets import DRAIN_SIGNAL, STOP_SIGNAL, endpoint, send_queued
 
 log = logging.getLogger("mesh.relay")
 
 MISSED_BEATS = 3
+EXIT_CONFIG = 3  # the supervisor stops the node instead of restarting the relay (as for the store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,9 @@ class ClusterSettings:
     curve_key_file: str = ""
     curve_allowed_dir: str = ""
     plaintext: bool = False
+    minimum_cluster_size: int = 0  # split-brain protection (0 = off)
+    allow_connect: bool = False  # keep serving clients in the minority
+    server_reference: str = ""  # sent with 0x9C to the clients of a minority node
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,10 @@ class RelaySettings:
     store: bool = False  # a store process holds the retained messages of earlier runs
     node: str = ""
     cluster: ClusterSettings | None = None
+    http_host: str = ""
+    http_port: int = 0  # 0: no HTTP port
+    http_token: str = field(default="", repr=False)
+    version: str = ""
 
 
 @dataclass(slots=True)
@@ -176,10 +186,14 @@ def _worker_of(origin: str) -> int | None:
     return None
 
 
-class Relay(ClusterRelay):
+class Relay(ClusterRelay, RelayView):
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
         self.state = RelayState()
+        self.init_view()
+        self.draining = False
+        self.minority = False
+        self.http: HttpApi | None = None
         self.node = settings.node
         self.cluster = ClusterState()
         self.links: ClusterLinks | None = None
@@ -295,6 +309,27 @@ class Relay(ClusterRelay):
     def serve(self) -> None:
         if self.settings.store:
             self.load_retained()
+        if self.settings.http_port:
+            try:
+                self.http = HttpApi(
+                    self, self.settings.http_host, self.settings.http_port, self.settings.http_token
+                )
+            except OSError as exc:
+                log.error(
+                    "Http.Port %d on %r: cannot listen (%s); stopping the node",
+                    self.settings.http_port,
+                    self.settings.http_host,
+                    exc,
+                )
+                raise SystemExit(EXIT_CONFIG) from None
+            self.http.start()
+        try:
+            self._serve()
+        finally:
+            if self.http is not None:
+                self.http.close()
+
+    def _serve(self) -> None:
         links = self.links
         sockets = [self.router, self.sub, self.pub] + ([links.router] if links is not None else [])
         # One epoll set over the sockets' FDs, registered once (zmq.Poller sets up its items at
@@ -335,33 +370,17 @@ class Relay(ClusterRelay):
                     look.add(1)  # input held back by backpressure: look again
                 if links_in:
                     look.add(3)
-                self._timers(time.monotonic())
+                with self.lock:
+                    self._timers(time.monotonic())
                 look |= touched
                 touched.clear()
                 continue
             now = time.monotonic()
-            if router_in:
-                self._drain_router(now)
-                look.add(0)
-            if self.pub_outbox:
-                self._flush_pub()
-            if links is not None:
-                links.flush_outboxes()
-                if links_in:
-                    look.add(3)
-                    if self.pub_outbox:
-                        links.hold(now)  # backpressure: peer frames wait in TCP, peers stay alive
-                    else:
-                        links.drain(now)
-            if sub_in:
-                look.add(1)
-                if not backlogged:
-                    self._drain_sub(now)
-            if pub_in:
-                look.add(2)
-                while int(self.pub.getsockopt(zmq.EVENTS)) & pollin:
-                    self.pub.recv()  # subscription changes of the workers: nothing to do with them
-            self._timers(now)
+            self.lock.acquire()  # the HTTP thread reads our state between turns (relay_view.py)
+            try:
+                self._turn(now, router_in, sub_in, pub_in, links_in, backlogged, look)
+            finally:
+                self.lock.release()
             look |= touched
             touched.clear()
         waiter.close()
@@ -375,7 +394,43 @@ class Relay(ClusterRelay):
             sock.close(0)
         log.info("relay stopped")
 
+    def _turn(
+        self,
+        now: float,
+        router_in: bool,
+        sub_in: bool,
+        pub_in: bool,
+        links_in: bool,
+        backlogged: bool,
+        look: set[int],
+    ) -> None:
+        """One turn of the loop over the sockets that have input (under the view's lock)."""
+        links = self.links
+        if router_in:
+            self._drain_router(now)
+            look.add(0)
+        if self.pub_outbox:
+            self._flush_pub()
+        if links is not None:
+            links.flush_outboxes()
+            if links_in:
+                look.add(3)
+                if self.pub_outbox:
+                    links.hold(now)  # backpressure: peer frames wait in TCP, peers stay alive
+                else:
+                    links.drain(now)
+        if sub_in:
+            look.add(1)
+            if not backlogged:
+                self._drain_sub(now)
+        if pub_in:
+            look.add(2)
+            while int(self.pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self.pub.recv()  # subscription changes of the workers: nothing to do with them
+        self._timers(now)
+
     def _timers(self, now: float) -> None:
+        self.serve_requests()
         links = self.links
         if links is not None:
             if self.pub_outbox:
@@ -447,6 +502,8 @@ class Relay(ClusterRelay):
             if known is None or known.incarnation != incarnation:
                 log.info("worker %d joined (incarnation %d)", index, incarnation)
                 state.workers[index] = _Worker(incarnation, now)
+                if self.minority:
+                    self._reply(identity, "minority", 0, True, self._minority_reference())
                 if kind == "hb" and self.links is not None:
                     # a worker we never heard say hello: we restarted, and lost what it told us
                     self._reply(identity, "resync", 0)
@@ -473,6 +530,10 @@ class Relay(ClusterRelay):
             state.unregister(client_id, ended_epoch)
             if current is not None and current[1] == ended_epoch:
                 self.cluster_unregister(client_id, ended_epoch)
+        elif kind == "stats":
+            index, counters, gauges = body
+            assert isinstance(index, int)
+            self.worker_reported(index, counters, gauges, now)
         elif kind == "released":
             released_id, released_epoch = body
             assert isinstance(released_id, str) and isinstance(released_epoch, int)
@@ -563,7 +624,11 @@ def run(settings: RelaySettings) -> None:
     def stop(signum: int, frame: object) -> None:
         relay.running = False
 
+    def draining(signum: int, frame: object) -> None:
+        relay.draining = True
+
     signal.signal(STOP_SIGNAL, stop)
+    signal.signal(DRAIN_SIGNAL, draining)
     # the supervisor decides when (after the workers drained): see mesh/sockets.py
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,7 +35,7 @@ from mesh.peers import Frames, Peer, State, survivor
 from mesh.routes import RouteTable, literal_prefix
 
 if TYPE_CHECKING:
-    from mesh.relay import RelayState
+    from mesh.relay import RelaySettings, RelayState
 
 log = logging.getLogger("mesh.relay")
 
@@ -79,6 +79,8 @@ class ClusterRelay:
     """Mixed into `Relay`; expects the attributes below."""
 
     state: RelayState
+    settings: RelaySettings
+    minority: bool
     links: ClusterLinks | None
     cluster: ClusterState
     router: zmq.Socket[bytes]
@@ -287,7 +289,39 @@ class ClusterRelay:
                 self._reply(b"w1", "recover", 0, peer.name)
 
     def view_changed(self, alive: list[str]) -> None:
-        pass
+        """Split-brain protection: fewer live members than MinimumClusterSize is the minority."""
+        cluster = self.settings.cluster
+        if cluster is None or not cluster.minimum_cluster_size:
+            return
+        minority = len(alive) < cluster.minimum_cluster_size
+        if minority == self.minority:
+            return
+        self.minority = minority
+        if minority:
+            log.error(
+                "only %d of the %d live members split-brain protection needs: this node is in the minority%s",
+                len(alive),
+                cluster.minimum_cluster_size,
+                "" if cluster.allow_connect else "; refusing clients and sending them elsewhere",
+            )
+        else:
+            log.warning("%d live members: the cluster is safe again", len(alive))
+        if not cluster.allow_connect:
+            self._tell_workers_minority()
+
+    def _minority_reference(self) -> str:
+        cluster = self.settings.cluster
+        return "" if cluster is None else cluster.server_reference
+
+    def _tell_workers_minority(self) -> None:
+        for index in self.state.workers:
+            self._reply(f"w{index}".encode(), "minority", 0, self.minority, self._minority_reference())
+
+    def drain_requested(self, peer: Peer) -> None:
+        import os
+        import signal
+
+        os.kill(os.getppid(), signal.SIGTERM)  # the supervisor drains the node
 
     def _drop_node_state(self, name: str) -> None:
         cluster = self.cluster

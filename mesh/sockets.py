@@ -48,6 +48,7 @@ def endpoint(ipc_dir: str, name: str) -> str:
 # KillMode=control-group, `kill -- -PGID`) must not take them away while workers still write
 # sessions to the store and talk to the other nodes.
 STOP_SIGNAL = signal.SIGUSR1
+DRAIN_SIGNAL = signal.SIGUSR2  # to the relay when the node starts to drain: /health turns 503
 
 
 def send_queued(sock: zmq.Socket[bytes], outbox: deque[list[bytes]]) -> int:

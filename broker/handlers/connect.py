@@ -45,6 +45,20 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
     props = packet.properties
     conn.client_id = packet.client_id  # for the log lines of a refusal
 
+    if core.minority:
+        core.counters.connections_refused += 1
+        if v5:
+            conn.send(
+                Connack(
+                    False,
+                    Reason.USE_ANOTHER_SERVER,
+                    Properties(server_reference=core.minority_reference or None),
+                )
+            )
+            conn.close("connect refused: this node is in the cluster's minority (0x9C)")
+        else:
+            refuse_connect(conn, Reason.SERVER_UNAVAILABLE, "this node is in the cluster's minority")
+        return
     if core.connected_count >= cfg.max_connections:
         core.counters.connections_refused += 1
         refuse_connect(

@@ -353,6 +353,8 @@ def test_control_kinds_table() -> None:
         "reassert": 0,
         "resync": 0,
         "rescan": 0,
+        "stats": 3,
+        "minority": 2,
         # the store plane
         "save": 1,
         "ok": 0,
