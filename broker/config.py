@@ -112,6 +112,7 @@ class MqttConfig:
     response_information: str = ""
     allow_empty_client_id: bool = True
     max_retained_messages: int = 1_000_000
+    sys_interval_s: int = 10  # MQTT.SysInterval: seconds between $SYS updates; 0 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,7 @@ _MQTT: Final = _Section(
         "ResponseInformation": ("response_information", _text()),
         "AllowEmptyClientId": ("allow_empty_client_id", _boolean),
         "MaxRetainedMessages": ("max_retained_messages", _integer(0)),
+        "SysInterval": ("sys_interval_s", _integer(0, 86400)),
     },
 )
 

@@ -76,6 +76,7 @@ def relay_process(config: Config, ipc_dir: str) -> None:
             http_port=config.http.port,
             http_token=config.http.admin_token,
             version=_version(),
+            sys_interval_s=config.mqtt.sys_interval_s,
         )
     )
 

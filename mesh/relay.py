@@ -74,6 +74,7 @@ class RelaySettings:
     http_port: int = 0  # 0: no HTTP port
     http_token: str = field(default="", repr=False)
     version: str = ""
+    sys_interval_s: int = 0  # $SYS/meshmq/<node>/... every this many seconds; 0 = none
 
 
 @dataclass(slots=True)
@@ -201,6 +202,8 @@ class Relay(ClusterRelay, RelayView):
         self.pub_outbox: deque[list[bytes]] = deque()
         self._next_check = 0.0
         self._next_tick = 0.0
+        self._next_sys = 0.0
+        self._sys_seq = time.time_ns() // 1000
         # sockets used since the loop last read their EVENTS (0 relay.ctl, 1 sub, 2 relay.pub):
         # any operation may consume a ZeroMQ FD's signal, so these are looked at again
         self._touched: set[int] = set()
@@ -431,6 +434,10 @@ class Relay(ClusterRelay, RelayView):
 
     def _timers(self, now: float) -> None:
         self.serve_requests()
+        interval = self.settings.sys_interval_s
+        if interval and now >= self._next_sys and len(self.state.workers) >= self.settings.worker_count:
+            self._next_sys = now + interval
+            self._publish_sys(now)
         links = self.links
         if links is not None:
             if self.pub_outbox:
@@ -445,6 +452,18 @@ class Relay(ClusterRelay, RelayView):
         if now >= self._next_check:
             self._next_check = now + self.settings.heartbeat_ms / 1000
             self._check_liveness(now, self.settings.heartbeat_ms / 1000)
+
+    def _publish_sys(self, now: float) -> None:
+        """$SYS topics as retained messages: to our workers, and to every other node."""
+        origin = f"{self.node}/sys"
+        for topic, payload in self.sys_messages():
+            self._sys_seq += 1
+            item: Item = (0, True, payload, "", None, None, 0)
+            data = env.pack_publish_batch(origin, self._sys_seq, topic, (item,))
+            self.state.apply(CH_RETAINED, env.unpack_data(data), now)
+            self._publish_local([CH_RETAINED, data])
+            if self.links is not None:
+                self.links.broadcast("d", (), (CH_RETAINED, data))
 
     # -- towards our workers -------------------------------------------------------------------------
 

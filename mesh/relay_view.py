@@ -16,6 +16,7 @@ workers' last reports (at most one heartbeat old) and the relay's own.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -47,7 +48,7 @@ class RelayView:
     minority: bool
 
     def init_view(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # (the loop, holding it, also builds $SYS from the same views)
         self.worker_stats: dict[int, tuple[dict[str, int], dict[str, int], float]] = {}
         self.requests: queue.SimpleQueue[tuple[str, str, threading.Event, list[float]]] = queue.SimpleQueue()
         self.started_at = time.time()
@@ -272,6 +273,30 @@ class RelayView:
                 ],
             )
         return "\n".join(lines) + "\n"
+
+    def sys_messages(self) -> list[tuple[str, bytes]]:
+        """This node's $SYS/meshmq/<node>/... topics and payloads (retained, every SysInterval)."""
+        healthy, health = self.health()
+        figures = self.stats()["node"]
+        assert isinstance(figures, dict)
+        base = f"$SYS/meshmq/{self.node}/"
+        rows: list[tuple[str, object]] = [
+            ("version", self.settings.version),
+            ("uptime", int(time.time() - self.started_at)),
+            ("health", json.dumps({"healthy": healthy, **health}, separators=(",", ":"))),
+            ("clients/connected", figures.get("connections", 0)),
+            ("sessions/online", figures.get("sessions_online", 0)),
+            ("sessions/offline", figures.get("sessions_offline", 0)),
+            ("subscriptions/count", figures.get("subscriptions", 0)),
+            ("messages/received", figures.get("messages_received", 0)),
+            ("messages/sent", figures.get("messages_sent", 0)),
+            ("messages/queued", figures.get("queued_messages", 0)),
+            ("bytes/received", figures.get("bytes_received", 0)),
+            ("bytes/sent", figures.get("bytes_sent", 0)),
+            ("retained/count", figures.get("retained_messages", 0)),
+            ("cluster/members", json.dumps([m["name"] for m in self.members()])),
+        ]
+        return [(base + name, str(value).encode()) for name, value in rows]
 
     def ping(self, node: str, timeout_s: float) -> float | None:
         done, result = threading.Event(), []  # type: ignore[var-annotated]
