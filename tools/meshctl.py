@@ -1,57 +1,150 @@
 """`meshctl`: the operator's tool for a MeshMQ cluster.
 
-Why: one command for what an operator does around a cluster. Today that is `keygen`, which makes
-the CURVE key pair the nodes' links need (`Mesh.Curve.KeyFile`). The commands that talk to a
-running node's relay (members, health, routes, sessions, retained, stats, tap, ping, drain) are
-declared already, so that their names are reserved and `meshctl --help` shows what is coming, but
-they say plainly that they are not available yet, with a non-zero exit, rather than pretend.
+Why: one command for what an operator does around a cluster: see the members and their health,
+the route table, where sessions live, the retained messages, per-node, per-worker and per-link
+counters; watch the traffic (`tap`); ping a node over the cluster links; drain a node; and make
+the CURVE key pair the links need (`keygen`). Every command but `keygen` and `tap` is one request
+to any node's HTTP API (`mesh/PROTOCOL.md`, "The HTTP API of a node"; `tools/meshctl_client.py`),
+printed as a table (`tools/meshctl_render.py`) or, with `--json`, as the JSON the node returned.
+`tap` subscribes over MQTT (`tools/meshctl_tap.py`).
 
-Must not: import the broker's process machinery or open sockets (nothing answers yet); print a
-stack trace for an operator's mistake.
+Must not: import the broker's process machinery; print a stack trace for an operator's mistake or
+an unreachable node; print the admin token.
 
 Invariants: `main` returns the exit status and never calls `sys.exit` itself: 0 done, 1 the
-command failed (`meshctl: <what>` on stderr), 2 bad usage or a command not available yet.
+command failed or the node is unhealthy (`meshctl: <what> (<url>)` on stderr), 2 bad usage.
+The global options (`--node`, `--token`, `--json`, `--timeout`) may come before or after the
+command; `--node` defaults to $MESHMQ_NODE, then 127.0.0.1:8080; `--token` to $MESHMQ_TOKEN.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import json
+import os
 import sys
+from collections.abc import Callable
 from typing import Final
 
 from broker.cli import EXIT_USAGE, package_version
 from mesh.curve import CurveError, generate, load_keys
+from tools import meshctl_render as render
+from tools.meshctl_client import (
+    DEFAULT_HTTP_PORT,
+    Json,
+    MeshctlError,
+    NodeClient,
+    Reply,
+    parse_address,
+    parse_health,
+    parse_members,
+    parse_ping,
+    parse_retained,
+    parse_routes,
+    parse_sessions,
+    parse_stats,
+)
+from tools.meshctl_tap import DEFAULT_MQTT_PORT, TapMessage, tap
 
 __all__ = ["EXIT_FAILED", "build_parser", "main"]
 
 EXIT_FAILED: Final = 1
+DEFAULT_NODE: Final = f"127.0.0.1:{DEFAULT_HTTP_PORT}"
+DEFAULT_TIMEOUT_S: Final = 5.0
 
-# The relay's commands of issue 6, with their one-line help.
-_LATER_COMMANDS: Final = {
-    "members": "cluster members and their health",
-    "health": "one node's health, as its GET /health",
+_COMMANDS: Final = {
+    "members": "cluster members: address, state, incarnation, heartbeat RTT, clients",
+    "health": "one node's health, as its GET /health (exit 1 when unhealthy)",
     "routes": "the route table: filter -> nodes",
-    "sessions": "sessions and where they live",
-    "retained": "retained message counts",
-    "stats": "per-link traffic and drops",
-    "tap": "a live tap of mesh traffic",
-    "ping": "ping between nodes",
-    "drain": "drain a node (graceful shutdown)",
+    "sessions": "sessions and where they live: node, worker, online, queued messages",
+    "retained": "retained messages: count, topics, QoS, size",
+    "stats": "counters per node, per worker and per link",
+    "tap": "a live view of the messages on a topic filter (over MQTT)",
+    "ping": "round trip from the node to NODE over the cluster link (needs the token)",
+    "drain": "drain NODE: it sheds its clients and leaves (needs the token)",
+    "keygen": "make a CURVE key pair for Mesh.Curve.KeyFile",
 }
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+def _add_global_options(parser: argparse.ArgumentParser, in_command: bool) -> None:
+    # Defaults live on the top parser only: a command's parser would otherwise overwrite an
+    # option given before the command with its own default.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if in_command else value
+
+    parser.add_argument(
+        "--node",
+        metavar="HOST:PORT",
+        default=default(None),
+        help=f"HTTP address of any node (default: $MESHMQ_NODE, else {DEFAULT_NODE})",
+    )
+    parser.add_argument(
+        "--token", default=default(None), help="the nodes' Http.AdminToken (default: $MESHMQ_TOKEN)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the JSON the node returned (pretty), for scripts",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_positive_float,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"seconds to wait for the node (default: {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Inspect and operate a MeshMQ cluster.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    parser.add_argument(
-        "--json", action="store_true", help="print JSON instead of text (where a command supports it)"
-    )
+    _add_global_options(parser, in_command=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    keygen = commands.add_parser(
-        "keygen",
-        help="make a CURVE key pair for Mesh.Curve.KeyFile",
-        description="Write NAME.key (public) and NAME.key_secret (public and secret, mode 0600) in "
-        "the ZeroMQ certificate format. Existing files are never overwritten.",
+    sub: dict[str, argparse.ArgumentParser] = {}
+    for name, text in _COMMANDS.items():
+        sub[name] = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_global_options(sub[name], in_command=True)
+    sub["routes"].add_argument("filter", nargs="?", metavar="FILTER", help="only routes matching this filter")
+    sub["sessions"].add_argument("client", nargs="?", metavar="CLIENT", help="only this client id")
+    sub["retained"].add_argument(
+        "filter", nargs="?", metavar="FILTER", help="only topics matching this filter"
+    )
+    sub["ping"].add_argument("target", metavar="NODE", help="the node name to ping")
+    sub["drain"].add_argument("target", metavar="NODE", help="the node name to drain")
+    tap_parser = sub["tap"]
+    tap_parser.add_argument(
+        "topic", nargs="?", default="#", metavar="TOPIC", help="topic filter (default: #)"
+    )
+    tap_parser.add_argument(
+        "--mqtt",
+        metavar="HOST:PORT",
+        help=f"the node's MQTT address (default: the node's host, port {DEFAULT_MQTT_PORT})",
+    )
+    tap_parser.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
+    tap_parser.add_argument("--seconds", type=_positive_float, metavar="S", help="stop after S seconds")
+    keygen = sub["keygen"]
+    keygen.description = (
+        "Write NAME.key (public) and NAME.key_secret (public and secret, mode 0600) in "
+        "the ZeroMQ certificate format. Existing files are never overwritten."
     )
     keygen.add_argument(
         "--dir", default=".", help="directory for the key files (default: .; created if missing)"
@@ -63,9 +156,98 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="'cluster' (default) for one pair shared by every node, or the node's NodeName for per-node keys",
     )
-    for name, text in _LATER_COMMANDS.items():
-        commands.add_parser(name, help=f"{text} (not available yet)", add_help=False)
     return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _print_json(body: Json) -> None:
+    print(json.dumps(body, indent=2, sort_keys=False))
+
+
+def _show(args: argparse.Namespace, reply: Reply, text: Callable[[Reply], str]) -> int:
+    """Print the reply as JSON or, parsed and rendered, as text (parsing first, so that an answer
+    of the wrong shape is an error in both modes)."""
+    rendered = text(reply)
+    if args.json:
+        _print_json(reply.body)
+    else:
+        sys.stdout.write(rendered)
+    return 0
+
+
+def _filter(value: str | None, key: str) -> dict[str, str]:
+    return {key: value} if value else {}
+
+
+def _run_http(args: argparse.Namespace, client: NodeClient) -> int:
+    command = args.command
+    if command == "health":
+        reply = client.get("/health", accept=(200, 503))
+        health = parse_health(reply)
+        _show(args, reply, lambda _r: render.render_health(health))
+        return 0 if health.healthy else EXIT_FAILED
+    if command == "members":
+        return _show(args, client.get("/api/members"), lambda r: render.render_members(parse_members(r)))
+    if command == "routes":
+        reply = client.get("/api/routes", _filter(args.filter, "filter"))
+        return _show(args, reply, lambda r: render.render_routes(parse_routes(r)))
+    if command == "sessions":
+        reply = client.get("/api/sessions", _filter(args.client, "client"))
+        return _show(args, reply, lambda r: render.render_sessions(parse_sessions(r)))
+    if command == "retained":
+        reply = client.get("/api/retained", _filter(args.filter, "filter"))
+        return _show(args, reply, lambda r: render.render_retained(parse_retained(r)))
+    if command == "stats":
+        return _show(args, client.get("/api/stats"), lambda r: render.render_stats(parse_stats(r)))
+    if command == "ping":
+        reply = client.post("/api/ping", {"node": args.target})
+        return _show(args, reply, lambda r: render.render_ping(parse_ping(r)))
+    if command == "drain":
+        reply = client.post("/api/drain", {"node": args.target}, accept=(200, 202))
+        if args.json:
+            _print_json(reply.body if reply.body is not None else {"draining": args.target})
+        else:
+            print(f"draining {args.target}")
+        return 0
+    raise AssertionError(f"no handler for {command}")
+
+
+def _tap_line(message: TapMessage) -> str:
+    return f"{message.topic} {message.qos} {len(message.payload)} {render.preview(message.payload)}"
+
+
+def _tap_json(message: TapMessage) -> str:
+    try:
+        payload, encoding = message.payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(message.payload).decode("ascii"), "base64"
+    record = {
+        "topic": message.topic,
+        "qos": message.qos,
+        "retain": message.retain,
+        "bytes": len(message.payload),
+        "payload": payload,
+        "encoding": encoding,
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _run_tap(args: argparse.Namespace, node_host: str) -> int:
+    try:
+        host, port = parse_address(args.mqtt or node_host, DEFAULT_MQTT_PORT)
+    except ValueError as e:
+        print(f"meshctl: --mqtt: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    line = _tap_json if args.json else _tap_line
+
+    def show(message: TapMessage) -> None:
+        print(line(message), flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tap without --count/--seconds ends
+        tap(host, port, args.topic, show, timeout_s=args.timeout, count=args.count, seconds=args.seconds)
+    return 0
 
 
 def _keygen(directory: str, name: str) -> int:
@@ -84,22 +266,36 @@ def _keygen(directory: str, name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        # parse_known_args: the commands that are not available yet take their future options
-        # (`health --node n1`) without a usage error; keygen's leftovers are refused below.
-        args, rest = parser.parse_known_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --version, --help or a usage error, already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("meshctl: a command is required (see meshctl --help)", file=sys.stderr)
         return EXIT_USAGE
-    if args.command in _LATER_COMMANDS:
-        print(f"meshctl: {args.command} is not available yet", file=sys.stderr)
+    if args.command == "keygen":
+        return _keygen(args.dir, args.name)
+    node_text = args.node or os.environ.get("MESHMQ_NODE") or DEFAULT_NODE
+    try:
+        host, port = parse_address(node_text, DEFAULT_HTTP_PORT)
+    except ValueError as e:
+        print(f"meshctl: --node: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if rest:
-        print(f"meshctl: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
-        return EXIT_USAGE
-    return _keygen(args.dir, args.name)
+    token = args.token or os.environ.get("MESHMQ_TOKEN") or None
+    try:
+        if args.command == "tap":
+            return _run_tap(args, host)
+        return _run_http(args, NodeClient(host, port, token=token, timeout_s=args.timeout))
+    except MeshctlError as e:
+        print(f"meshctl: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("meshctl: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:  # `meshctl tap | head`: the reader left; nothing more to say
+        with contextlib.suppress(OSError, ValueError):  # nor at exit, when Python flushes stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

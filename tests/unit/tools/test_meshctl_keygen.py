@@ -58,14 +58,6 @@ def test_keygen_unknown_option_is_a_usage_error(tmp_path: Path, capsys: pytest.C
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize(
-    "command", ["members", "health", "routes", "sessions", "retained", "stats", "tap", "ping", "drain"]
-)
-def test_later_commands_are_not_available_yet(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert meshctl.main([command, "--node", "n1"]) == 2
-    assert capsys.readouterr().err == f"meshctl: {command} is not available yet\n"
-
-
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert meshctl.main([]) == 2
     assert "a command is required" in capsys.readouterr().err
