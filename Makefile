@@ -55,11 +55,11 @@ run: $(INSTALLED)
 system-deps:
 	@if [ -x /usr/sbin/mosquitto ] && command -v mosquitto_pub >/dev/null \
 	    && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
-	    && command -v nft >/dev/null && command -v ip >/dev/null; then :; else \
-	  echo "installing Debian packages: mosquitto mosquitto-clients postgresql nftables iproute2"; \
+	    && command -v nft >/dev/null && command -v ip >/dev/null && command -v haproxy >/dev/null; then :; else \
+	  echo "installing Debian packages: mosquitto mosquitto-clients postgresql nftables iproute2 haproxy"; \
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients postgresql \
-	    nftables iproute2; \
+	    nftables iproute2 haproxy; \
 	fi
 
 # Exit status 5 (no tests collected) fails like any other non-zero status; it gets its own line.

@@ -111,6 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/drain": ("POST", lambda: self._drain(query.get("node"))),
             "/admin/shutdown": ("POST", lambda: self._drain(None)),
         }
+        self._drain_body()  # first: a body left unread would be parsed as the next request
         entry = routes.get(url.path)
         if entry is None:
             self._json(404, {"error": f"no such path {url.path}"})
@@ -119,11 +120,12 @@ class _Handler(BaseHTTPRequestHandler):
         if method != allowed:
             self._json(405, {"error": f"{url.path} takes {allowed}"}, allow=allowed)
             return
-        self._drain_body()
         if method == "POST" and not self._authorised():
             return
         try:
             handler()
+        except ConnectionError:
+            self.close_connection = True  # the client went away (a load balancer's check does)
         except Exception:
             log.exception("HTTP %s %s failed", method, url.path)
             self._json(500, {"error": "internal error (see the node's log)"})
@@ -176,11 +178,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, data, JSON, extra)
 
     def _send(self, status: int, data: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        """Status line, headers and body in one write; a client that is gone is not an error."""
+        reason = self.responses.get(status, ("",))[0]
+        headers = {
+            "Server": self.version_string(),
+            "Date": self.date_time_string(),
+            "Content-Type": content_type,
+            "Content-Length": str(len(data)),
+            "Cache-Control": "no-store",
+            **(extra or {}),
+        }
+        head = f"{self.protocol_version} {status} {reason}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items()
+        )
+        self.log_request(status)
+        try:
+            self.wfile.write(head.encode("latin-1") + b"\r\n" + data)
+            self.wfile.flush()
+        except ConnectionError:
+            self.close_connection = True
