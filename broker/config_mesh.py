@@ -32,6 +32,7 @@ from broker.config_values import (
     _advertise_address,
     _bind_address,
     _boolean,
+    _choice,
     _integer,
     _list_of,
     _Section,
@@ -111,6 +112,13 @@ class SplitBrainConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MergePolicyConfig:
+    """Cluster.MergePolicy: how retained messages merge when a split heals (mesh/hlc.py)."""
+
+    type: str = "LATEST_UPDATE"  # Type: LATEST_UPDATE, PUT_IF_ABSENT or HIGHER_HITS
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConfig:
     """Http: the node's HTTP port for health checks, metrics and admin (served by the relay)."""
 
@@ -126,6 +134,7 @@ class ClusterConfig:
     # ("" = 0x8B without reference)
     server_reference: str = ""
     split_brain: SplitBrainConfig = field(default_factory=SplitBrainConfig)
+    merge_policy: MergePolicyConfig = field(default_factory=MergePolicyConfig)
 
 
 # --- peer list items: Mesh.TcpIp.Members, Mesh.Dns.Names, Mesh.Mdns.Interfaces -------------------
@@ -255,14 +264,19 @@ _SPLIT_BRAIN: Final = _Section(
     },
 )
 
+_MERGE_POLICY: Final = _Section(
+    MergePolicyConfig,
+    {"Type": ("type", _choice(("LATEST_UPDATE", "PUT_IF_ABSENT", "HIGHER_HITS"), str))},
+)
+
 _CLUSTER: Final = _Section(
     ClusterConfig,
     {
         "Enabled": ("enabled", _boolean),
         "ServerReference": ("server_reference", _text()),
         "SplitBrainProtection": ("split_brain", _SPLIT_BRAIN),
+        "MergePolicy": ("merge_policy", _MERGE_POLICY),
     },
-    later=frozenset({"MergePolicy"}),
 )
 
 _HTTP: Final = _Section(

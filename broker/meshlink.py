@@ -472,10 +472,9 @@ class WorkerMesh(ControlPlane):
                     core.apply_remote_retained(item_to_message(topic, item, now), now)
                 return
             if channel == CH_RETAINED_QUIET:
-                # from another node's snapshot: kept if we have none for the topic, never routed
+                # another node's value won the relay's merge (mesh/hlc.py): stored, never routed
                 for item in message.items:
-                    if not core.retained_for(topic, now):
-                        core.apply_remote_retained(item_to_message(topic, item, now), now, route=False)
+                    core.apply_remote_retained(item_to_message(topic, item, now), now, route=False)
                 return
             route = core.route_local
             for item in message.items:

@@ -114,6 +114,7 @@ def cluster_settings(config: Config) -> ClusterSettings:
         minimum_cluster_size=config.cluster_config.split_brain.minimum_cluster_size,
         allow_connect=config.cluster_config.split_brain.allow_connect,
         server_reference=config.cluster_config.server_reference,
+        merge_policy=config.cluster_config.merge_policy.type,
     )
 
 

@@ -75,7 +75,7 @@ def take_theirs(
     if policy is MergePolicy.PUT_IF_ABSENT:
         if i_have_it != they_have_it:
             return they_have_it
-        return theirs < mine if they_have_it else False
+        return theirs < mine if they_have_it else later(theirs, mine)  # (two clears: the later one)
     if policy is MergePolicy.HIGHER_HITS and their_hits != my_hits:
         return their_hits > my_hits
     return later(theirs, mine)

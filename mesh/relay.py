@@ -34,6 +34,7 @@ from mesh import envelope as env
 from mesh.cluster import ClusterLinks, LinkSettings
 from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_SHARED, Item
 from mesh.errors import EnvelopeError
+from mesh.hlc import HybridClock, MergePolicy, Stamp
 from mesh.http import HttpApi
 from mesh.relay_cluster import ClusterRelay, ClusterState
 from mesh.relay_view import RelayView
@@ -58,6 +59,7 @@ class ClusterSettings:
     minimum_cluster_size: int = 0  # split-brain protection (0 = off)
     allow_connect: bool = False  # keep serving clients in the minority
     server_reference: str = ""  # sent with 0x9C to the clients of a minority node
+    merge_policy: str = "LATEST_UPDATE"  # Cluster.MergePolicy.Type: retained messages after a split
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ class RelayState:
     registry: dict[str, tuple[int, int]] = field(default_factory=dict)  # client id -> (worker, epoch)
     epoch: int = field(default_factory=lambda: time.time_ns() // 1000)
     retained: dict[str, tuple[Item, float]] = field(default_factory=dict)
+    # topic -> (stamp, hits) of its last change, kept for clears too (tombstones): mesh/hlc.py
+    retained_meta: dict[str, tuple[Stamp, int]] = field(default_factory=dict)
     shared: dict[tuple[str, str, str, str], env.SharedUpdate] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
     syncs: dict[str, _Sync] = field(default_factory=dict)
@@ -191,6 +195,10 @@ class Relay(ClusterRelay, RelayView):
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
         self.state = RelayState()
+        self.clock = HybridClock(settings.node)
+        self.merge_policy = MergePolicy(
+            settings.cluster.merge_policy if settings.cluster else "LATEST_UPDATE"
+        )
         self.init_view()
         self.draining = False
         self.minority = False
@@ -461,9 +469,10 @@ class Relay(ClusterRelay, RelayView):
             item: Item = (0, True, payload, "", None, None, 0)
             data = env.pack_publish_batch(origin, self._sys_seq, topic, (item,))
             self.state.apply(CH_RETAINED, env.unpack_data(data), now)
+            stamp, hits = self.stamp_retained(topic)
             self._publish_local([CH_RETAINED, data])
             if self.links is not None:
-                self.links.broadcast("d", (), (CH_RETAINED, data))
+                self.links.broadcast("d", (list(stamp), hits), (CH_RETAINED, data))
 
     # -- towards our workers -------------------------------------------------------------------------
 
@@ -628,10 +637,13 @@ class Relay(ClusterRelay, RelayView):
                 continue
             if channel in (CH_RETAINED, CH_SHARED):
                 try:
-                    self.state.apply(channel, env.unpack_data(data), now)
+                    message = env.unpack_data(data)
                 except EnvelopeError as exc:
                     log.warning("bad envelope on %r dropped: %s", channel[:32], exc)
                     continue
+                self.state.apply(channel, message, now)
+                if channel == CH_RETAINED and isinstance(message, env.PublishBatch):
+                    self.stamp_retained(message.topic)
             if cluster:
                 self.forward_local(channel, data, now)
 

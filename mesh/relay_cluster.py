@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ from mesh import envelope as env
 from mesh.cluster import ClusterLinks
 from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED
 from mesh.errors import EnvelopeError
+from mesh.hlc import ZERO, HybridClock, MergePolicy, Stamp, as_stamp, later, take_theirs
 from mesh.peers import Frames, Peer, State, survivor
 from mesh.routes import RouteTable, literal_prefix
 
@@ -89,6 +91,8 @@ class ClusterRelay:
     node: str
     handoff_timeout_s: float
     pub_outbox: deque[list[bytes]]
+    clock: HybridClock
+    merge_policy: MergePolicy
 
     if TYPE_CHECKING:
 
@@ -200,7 +204,12 @@ class ClusterRelay:
             if isinstance(message, env.SyncMarker) or "/" in message.origin:
                 return
             relabelled = self._relabel(message)
-            if relabelled is not None:
+            if relabelled is None:
+                return
+            if channel == CH_RETAINED and isinstance(message, env.PublishBatch):
+                stamp, hits = self.state.retained_meta.get(message.topic, (ZERO, 0))
+                links.broadcast("d", (list(stamp), hits), (channel, relabelled))
+            else:
                 links.broadcast("d", (), (channel, relabelled))
         elif channel == CH_DURABLE:
             links.broadcast("d", (), (channel, data))
@@ -249,9 +258,19 @@ class ClusterRelay:
             data = self._relabel(member)
             if data is not None:
                 links.send(peer, "d", (), (CH_SHARED, data))
-        for topic, item in self.state.snapshot_retained(now=_now()):
+        meta = self.state.retained_meta
+        held = dict(self.state.snapshot_retained(now=_now()))
+        for topic, (stamp, hits) in list(meta.items()):
+            item = held.pop(topic, None)
+            if item is None:
+                if topic in self.state.retained:
+                    continue  # expired just now
+                item = (0, True, b"", "", None, None, 0)  # a clear (tombstone)
             data = env.pack_publish_batch(f"{self.node}/snap", 0, topic, (item,))
-            links.send(peer, "d", (), (CH_RETAINED_QUIET, data))
+            links.send(peer, "d", (list(stamp), hits), (CH_RETAINED_QUIET, data))
+        for topic, item in held.items():  # (no stamp: loaded from the store at start)
+            data = env.pack_publish_batch(f"{self.node}/snap", 0, topic, (item,))
+            links.send(peer, "d", ([0, 0, ""], 0), (CH_RETAINED_QUIET, data))
 
     def peer_reset(self, peer: Peer) -> None:
         self._drop_node_state(peer.name)
@@ -353,7 +372,7 @@ class ClusterRelay:
         cluster = self.cluster
         if kind == "d":
             if len(frames) == 2:
-                self._remote_data(peer, frames[0], frames[1])
+                self._remote_data(peer, frames[0], frames[1], body)
         elif kind == "route":
             op, topic_filter = body
             assert isinstance(topic_filter, str)
@@ -410,7 +429,7 @@ class ClusterRelay:
         self.cluster.remote_clients[client_id] = (peer.name, epoch)
         self._answer_claim(peer.name, client_id, epoch, True)
 
-    def _remote_data(self, peer: Peer, channel: bytes, data: bytes) -> None:
+    def _remote_data(self, peer: Peer, channel: bytes, data: bytes, body: list[object] | None = None) -> None:
         if channel[:1] != b"\x00":
             self._publish_local([channel, data])
             return
@@ -420,12 +439,10 @@ class ClusterRelay:
             except EnvelopeError as exc:
                 log.warning("bad envelope from node %s dropped: %s", peer.name, exc)
                 return
-            if channel == CH_RETAINED_QUIET:
-                if not isinstance(message, env.PublishBatch) or message.topic in self.state.retained:
-                    return
-                self.state.apply(CH_RETAINED, message, _now(), mark=False)
-            else:
-                self.state.apply(channel, message, _now())
+            if isinstance(message, env.PublishBatch) and channel != CH_SHARED:
+                self._remote_retained(channel, message, data, body or [])
+                return
+            self.state.apply(channel, message, _now())
             self._publish_local([channel, data])
         elif channel == CH_DURABLE:
             self._publish_local([channel, data])
@@ -433,6 +450,49 @@ class ClusterRelay:
             rest = channel[2:].split(b"/")
             if len(rest) >= 2 and rest[0].decode("utf-8", "replace") == self.node and rest[1].isdigit():
                 self._publish_local([env.inbox(int(rest[1])), data])
+
+    # -- retained messages across nodes (mesh/hlc.py) -------------------------------------------------
+
+    def stamp_retained(self, topic: str) -> tuple[Stamp, int]:
+        """A local change of a topic's retained message: a new stamp, one more hit."""
+        stamp = self.clock.stamp(int(time.time() * 1000))
+        hits = self.state.retained_meta.get(topic, (ZERO, 0))[1] + 1
+        self.state.retained_meta[topic] = (stamp, hits)
+        return stamp, hits
+
+    def _remote_retained(
+        self, channel: bytes, message: env.PublishBatch, data: bytes, body: list[object]
+    ) -> None:
+        """A live change from another node (last writer by stamp wins) or a snapshot entry after
+        a (re)join (the merge policy decides)."""
+        state = self.state
+        topic = message.topic
+        theirs = as_stamp(body[0]) if body else None
+        their_hits = int(body[1]) if len(body) > 1 and isinstance(body[1], int) else 1
+        if theirs is None:
+            theirs = self.clock.stamp(int(time.time() * 1000))  # (a sender without stamps)
+        self.clock.observe(theirs)
+        mine = state.retained_meta.get(topic)
+        present = bool(message.items[-1][2])
+        if channel == CH_RETAINED_QUIET:
+            take = take_theirs(
+                self.merge_policy,
+                None if mine is None else mine[0],
+                0 if mine is None else mine[1],
+                topic in state.retained,
+                theirs,
+                their_hits,
+                present,
+            )
+        else:
+            take = mine is None or later(theirs, mine[0])
+        if take:
+            state.retained_meta[topic] = (theirs, their_hits)
+            state.apply(CH_RETAINED, message, _now(), mark=channel == CH_RETAINED)
+            self._publish_local([channel, data])  # (quiet: stored by the workers, not routed)
+        elif channel == CH_RETAINED:
+            # an older value than ours: our subscribers still get the publish, nobody stores it
+            self._publish_local([topic.encode(), data])
 
     # -- timers ---------------------------------------------------------------------------------------
 

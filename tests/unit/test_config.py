@@ -172,6 +172,7 @@ GOOD: list[tuple[str, object, str, object]] = [
     ("Cluster.ServerReference", "node-2:1883", "cluster_config.server_reference", "node-2:1883"),
     ("Cluster.SplitBrainProtection.MinimumClusterSize", 2, "cluster_config.split_brain.minimum_cluster_size", 2),
     ("Cluster.SplitBrainProtection.AllowConnect", True, "cluster_config.split_brain.allow_connect", True),
+    ("Cluster.MergePolicy.Type", "HIGHER_HITS", "cluster_config.merge_policy.type", "HIGHER_HITS"),
     ("Http.Port", 8080, "http.port", 8080),
     ("Http.BindAddress", "127.0.0.1", "http.bind_address", "127.0.0.1"),
     ("Http.AdminToken", "s3cret", "http.admin_token", "s3cret"),
@@ -263,6 +264,7 @@ BAD: list[tuple[str, object, str, str]] = [
     ("Cluster.ServerReference", 5, "a string", "5"),
     ("Cluster.SplitBrainProtection.MinimumClusterSize", -1, "an integer from 0 to 1000", "-1"),
     ("Cluster.SplitBrainProtection.AllowConnect", "no", "true or false", "'no'"),
+    ("Cluster.MergePolicy.Type", "NEWEST", "one of LATEST_UPDATE, PUT_IF_ABSENT, HIGHER_HITS", "'NEWEST'"),
     ("Http.Port", 65536, "an integer from 0 to 65535", "65536"),
     ("Http.BindAddress", "not an address!", "", "'not an address!'"),
     ("Http.AdminToken", 5, "a string", "5"),
@@ -354,7 +356,7 @@ def test_unknown_nested_key() -> None:
 
 
 @pytest.mark.parametrize(
-    "section", ["TCPS", "WS", "WSS", "Auth", "Cluster.MergePolicy"]
+    "section", ["TCPS", "WS", "WSS", "Auth"]
 )
 def test_sections_of_later_versions_are_refused(section: str) -> None:
     message = error_of(nested(section, {}))

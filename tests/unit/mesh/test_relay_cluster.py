@@ -308,15 +308,32 @@ def test_retained_from_a_peer_is_kept_and_published(h: Harness) -> None:
     assert h.published == [[CH_RETAINED, data]]
 
 
-def test_a_snapshot_retained_never_overwrites_ours(h: Harness) -> None:
+def test_a_snapshot_retained_merges_by_stamp(h: Harness) -> None:
+    """LATEST_UPDATE (the default): a snapshot entry replaces ours only when its stamp is later;
+    a topic we never heard of is taken (mesh/hlc.py)."""
     h.relay.state.retained["r/1"] = (item(b"ours"), time.monotonic())
-    mine = env.pack_publish_batch("b/snap", 0, "r/1", (item(b"theirs"),))
+    h.relay.state.retained_meta["r/1"] = ((2000, 0, "a"), 1)
+    h.relay.state.retained["r/3"] = (item(b"ours too"), time.monotonic())
+    h.relay.state.retained_meta["r/3"] = ((2000, 0, "a"), 1)
+    older = env.pack_publish_batch("b/snap", 0, "r/1", (item(b"theirs"),))
     missing = env.pack_publish_batch("b/snap", 0, "r/2", (item(b"late joiner"),))
-    h.frame("b", "d", frames=(CH_RETAINED_QUIET, mine))
-    h.frame("b", "d", frames=(CH_RETAINED_QUIET, missing))
+    newer = env.pack_publish_batch("b/snap", 0, "r/3", (item(b"newer"),))
+    h.frame("b", "d", [1000, 0, "b"], 1, frames=(CH_RETAINED_QUIET, older))
+    h.frame("b", "d", [1000, 0, "b"], 1, frames=(CH_RETAINED_QUIET, missing))
+    h.frame("b", "d", [3000, 0, "b"], 1, frames=(CH_RETAINED_QUIET, newer))
     assert h.relay.state.retained["r/1"][0][2] == b"ours"
     assert h.relay.state.retained["r/2"][0][2] == b"late joiner"
-    assert h.published == [[CH_RETAINED_QUIET, missing]]
+    assert h.relay.state.retained["r/3"][0][2] == b"newer"
+    assert h.published == [[CH_RETAINED_QUIET, missing], [CH_RETAINED_QUIET, newer]]
+
+
+def test_a_live_retained_update_older_than_ours_is_routed_not_stored(h: Harness) -> None:
+    h.relay.state.retained["r/1"] = (item(b"ours"), time.monotonic())
+    h.relay.state.retained_meta["r/1"] = ((2000, 0, "a"), 1)
+    older = env.pack_publish_batch("b/w1", 5, "r/1", (item(b"theirs"),))
+    h.frame("b", "d", [1000, 0, "b"], 1, frames=(CH_RETAINED, older))
+    assert h.relay.state.retained["r/1"][0][2] == b"ours"
+    assert h.published == [[b"r/1", older]]  # the publish still reaches our subscribers
 
 
 def test_durable_updates_of_a_peer_are_published(h: Harness) -> None:
