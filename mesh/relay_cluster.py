@@ -385,6 +385,21 @@ class ClusterRelay:
             client_id, epoch = str(body[0]), int(body[1])  # type: ignore[call-overload]
             cluster.remote_clients[client_id] = (peer.name, epoch)
             self.state.epoch = max(self.state.epoch, epoch)
+            held = self.state.registry.get(client_id)
+            if (
+                held is not None
+                and (held[1], self.node) < (epoch, peer.name)
+                and client_id not in cluster.claims
+            ):
+                # Both sides of a healed split had the client connected: the older epoch goes
+                # (its session to the store), so one live session per client id remains.
+                worker = held[0]
+                log.warning(
+                    "client %r is also connected on node %s (newer): releasing ours", client_id, peer.name
+                )
+                del self.state.registry[client_id]
+                if self.state.alive(worker):
+                    self._reply(f"w{worker}".encode(), "release", 0, client_id, epoch, 0, False)
         elif kind == "unreg":
             client_id, epoch = str(body[0]), int(body[1])  # type: ignore[call-overload]
             if cluster.remote_clients.get(client_id) == (peer.name, epoch):
