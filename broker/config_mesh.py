@@ -103,12 +103,12 @@ class MeshConfig:
 class SplitBrainConfig:
     """Cluster.SplitBrainProtection: what a node does when it sees too few live members."""
 
-    minimum_cluster_size: int = (
-        0  # MinimumClusterSize: live members (self included) below which a node is in the minority; 0 = off
-    )
-    allow_connect: bool = (
-        False  # AllowConnect: keep clients and accept CONNECTs in the minority (risky: sessions may split)
-    )
+    # MinimumClusterSize: live members (self included) below which a node is in the minority; 0 = off
+    minimum_cluster_size: int = 0
+    # AllowConnect: keep clients and accept CONNECTs in the minority (risky: sessions may split)
+    allow_connect: bool = False
+    allow_publish: bool = True  # AllowPublish: with AllowConnect, accept PUBLISH in the minority
+    allow_subscribe: bool = True  # AllowSubscribe: with AllowConnect, accept SUBSCRIBE in the minority
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +261,8 @@ _SPLIT_BRAIN: Final = _Section(
     {
         "MinimumClusterSize": ("minimum_cluster_size", _integer(0, 1000)),
         "AllowConnect": ("allow_connect", _boolean),
+        "AllowPublish": ("allow_publish", _boolean),
+        "AllowSubscribe": ("allow_subscribe", _boolean),
     },
 )
 

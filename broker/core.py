@@ -68,6 +68,8 @@ class BrokerCore(SessionLifecycle, Delivery):
         self.connecting: dict[str, ServerConnection] = {}
         self.minority = False  # split-brain protection: refuse clients (see set_minority)
         self.minority_reference = ""
+        self.refuse_publish = False  # in the minority with AllowConnect but not AllowPublish
+        self.refuse_subscribe = False  # ... not AllowSubscribe
         self.connections: set[ServerConnection] = set()
         self.connected_count = 0
         self.subscriptions: TopicTree[str, SubEntry] = TopicTree()
@@ -224,6 +226,11 @@ class BrokerCore(SessionLifecycle, Delivery):
             "retained_messages": len(self.retained),
             "store_wait_ms": self.store.oldest_wait_ms(now),
         }
+
+    def set_minority_operations(self, minority: bool, allow_publish: bool, allow_subscribe: bool) -> None:
+        """Split-brain protection with AllowConnect: clients stay; these operations may not."""
+        self.refuse_publish = minority and not allow_publish
+        self.refuse_subscribe = minority and not allow_subscribe
 
     def set_minority(self, minority: bool, server_reference: str) -> None:
         """Split-brain protection: this node sees too few live members. New CONNECTs are refused

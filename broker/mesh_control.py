@@ -197,6 +197,9 @@ class ControlPlane:
         elif kind == "minority":
             minority, reference = body
             core.set_minority(bool(minority), str(reference or ""))
+        elif kind == "minorityops":
+            minority, allow_publish, allow_subscribe = body
+            core.set_minority_operations(bool(minority), bool(allow_publish), bool(allow_subscribe))
         elif kind == "rescan":
             core.rescan_online()
         elif kind == "reassert":

@@ -38,6 +38,7 @@ class Counters:
     sessions_expired: int = 0
     sessions_taken_over: int = 0
     keepalive_timeouts: int = 0
+    messages_refused_minority: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

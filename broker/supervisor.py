@@ -113,6 +113,8 @@ def cluster_settings(config: Config) -> ClusterSettings:
         plaintext=mesh.plaintext,
         minimum_cluster_size=config.cluster_config.split_brain.minimum_cluster_size,
         allow_connect=config.cluster_config.split_brain.allow_connect,
+        allow_publish=config.cluster_config.split_brain.allow_publish,
+        allow_subscribe=config.cluster_config.split_brain.allow_subscribe,
         server_reference=config.cluster_config.server_reference,
         merge_policy=config.cluster_config.merge_policy.type,
     )

@@ -257,7 +257,8 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "resync": 0,
         "rescan": 0,
         "stats": 3,  # worker -> relay [index, counters, gauges]: every heartbeat, for /metrics
-        "minority": 2,  # relay -> workers [minority, server_reference]: split-brain protection  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again
+        "minority": 2,
+        "minorityops": 3,  # relay -> workers [minority, allow_publish, allow_subscribe] (AllowConnect)  # relay -> workers [minority, server_reference]: split-brain protection  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again
     }
 )
 

@@ -58,6 +58,8 @@ class ClusterSettings:
     plaintext: bool = False
     minimum_cluster_size: int = 0  # split-brain protection (0 = off)
     allow_connect: bool = False  # keep serving clients in the minority
+    allow_publish: bool = True  # with allow_connect: accept PUBLISH in the minority
+    allow_subscribe: bool = True  # with allow_connect: accept SUBSCRIBE in the minority
     server_reference: str = ""  # sent with 0x9C to the clients of a minority node
     merge_policy: str = "LATEST_UPDATE"  # Cluster.MergePolicy.Type: retained messages after a split
 
@@ -531,7 +533,7 @@ class Relay(ClusterRelay, RelayView):
                 log.info("worker %d joined (incarnation %d)", index, incarnation)
                 state.workers[index] = _Worker(incarnation, now)
                 if self.minority:
-                    self._reply(identity, "minority", 0, True, self._minority_reference())
+                    self._tell_worker_minority(identity)
                 if kind == "hb" and self.links is not None:
                     # a worker we never heard say hello: we restarted, and lost what it told us
                     self._reply(identity, "resync", 0)

@@ -325,8 +325,7 @@ class ClusterRelay:
             )
         else:
             log.warning("%d live members: the cluster is safe again", len(alive))
-        if not cluster.allow_connect:
-            self._tell_workers_minority()
+        self._tell_workers_minority()
 
     def _minority_reference(self) -> str:
         cluster = self.settings.cluster
@@ -334,7 +333,18 @@ class ClusterRelay:
 
     def _tell_workers_minority(self) -> None:
         for index in self.state.workers:
-            self._reply(f"w{index}".encode(), "minority", 0, self.minority, self._minority_reference())
+            self._tell_worker_minority(f"w{index}".encode())
+
+    def _tell_worker_minority(self, identity: bytes) -> None:
+        cluster = self.settings.cluster
+        if cluster is None:
+            return
+        if cluster.allow_connect:
+            self._reply(
+                identity, "minorityops", 0, self.minority, cluster.allow_publish, cluster.allow_subscribe
+            )
+        else:
+            self._reply(identity, "minority", 0, self.minority, self._minority_reference())
 
     def drain_requested(self, peer: Peer) -> None:
         import os

@@ -65,6 +65,9 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
     counters.messages_received += 1
     if qos > core.config.maximum_qos or (packet.retain and not core.config.retain_available):
         _refuse_limits(core, packet)
+    if core.refuse_publish:
+        _refuse_in_minority(core, conn, packet)
+        return
 
     if qos == 0:
         counters.messages_received_qos0 += 1
@@ -228,6 +231,18 @@ def complete_step(conn: ServerConnection, step: _Step, run: Callable[[float], No
         head = pipeline.popleft()
         if head.run is not None and conn.state is not ConnectionState.CLOSED:
             head.run(now)
+
+
+def _refuse_in_minority(core: BrokerCore, conn: ServerConnection, packet: Publish) -> None:
+    """Split-brain protection with AllowConnect and not AllowPublish: a minority node takes no
+    publishes (5.0: PUBACK/PUBREC 0x83; 3.1.1 has no refusal: the connection is closed)."""
+    core.counters.messages_refused_minority += 1
+    if conn.version is not V5:
+        conn.close("publish refused: this node is in the cluster's minority")
+        return
+    if packet.qos:
+        ack = Puback if packet.qos == 1 else Pubrec
+        send_ack(conn, ack(packet.packet_id, Reason.IMPLEMENTATION_SPECIFIC_ERROR))
 
 
 def send_ack(conn: ServerConnection, ack: Packet) -> None:

@@ -42,6 +42,10 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
             # [MQTT-3.8.4-5] a failure code for this filter only; 3.1.1 knows only 0x80
             codes.append(Reason.TOPIC_FILTER_INVALID if v5 else Reason.UNSPECIFIED_ERROR)
             continue
+        if core.refuse_subscribe:
+            # split-brain protection (AllowConnect, not AllowSubscribe): no new subscriptions
+            codes.append(Reason.IMPLEMENTATION_SPECIFIC_ERROR if v5 else Reason.UNSPECIFIED_ERROR)
+            continue
         group, topic_filter = parse_shared(sub.topic_filter)
         if group is not None and sub.no_local:
             raise ProtocolError("No Local on a shared subscription [MQTT-3.8.3-4]")

@@ -285,16 +285,6 @@ def test_meshctl_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("meshctl ")
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        ([], "meshctl: a command is required"),
-        (["members"], "meshctl: members is not available yet"),
-        (["health", "--node", "n1"], "meshctl: health is not available yet"),
-    ],
-)
-def test_meshctl_commands_are_not_there_yet(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert meshctl.main(argv) == 2
-    assert message in capsys.readouterr().err
+def test_meshctl_without_a_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert meshctl.main([]) == 2
+    assert "meshctl: a command is required" in capsys.readouterr().err

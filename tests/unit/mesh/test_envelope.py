@@ -355,6 +355,7 @@ def test_control_kinds_table() -> None:
         "rescan": 0,
         "stats": 3,
         "minority": 2,
+        "minorityops": 3,
         # the store plane
         "save": 1,
         "ok": 0,
