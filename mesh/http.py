@@ -95,6 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -111,7 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/drain": ("POST", lambda: self._drain(query.get("node"))),
             "/admin/shutdown": ("POST", lambda: self._drain(None)),
         }
-        self._drain_body()  # first: a body left unread would be parsed as the next request
+        if not self._drain_body():  # first: a body left unread would be parsed as the next request
+            return
         entry = routes.get(url.path)
         if entry is None:
             self._json(404, {"error": f"no such path {url.path}"})
@@ -165,10 +175,29 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _drain_body(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= 65536:
+    def _drain_body(self) -> bool:
+        """Read (and ignore) the request's body; False (answered, closing) when it is not sane."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            self._json(400, {"error": "Content-Length is not a number"})
+            return False
+        if length > 65536:
+            # read what a client may reasonably still be sending (so that it sees the answer
+            # rather than a reset), then refuse and close
+            left = min(length, 1 << 20)
+            while left > 0:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            self.close_connection = True
+            self._json(413, {"error": "request body over 64 KiB"})
+            return False
+        if length > 0:
             self.rfile.read(length)
+        return True
 
     def _json(self, status: int, body: object, allow: str = "", authenticate: bool = False) -> None:
         data = json.dumps(body, separators=(",", ":"), default=str).encode()
@@ -188,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
             "Cache-Control": "no-store",
             **(extra or {}),
         }
+        if self.close_connection:
+            headers["Connection"] = "close"
         head = f"{self.protocol_version} {status} {reason}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers.items()
         )
