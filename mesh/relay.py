@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -205,6 +206,7 @@ class Relay(ClusterRelay, RelayView):
         self.draining = False
         self.minority = False
         self.http: HttpApi | None = None
+        self._store_dealer: zmq.Socket[bytes] | None = None
         self.node = settings.node
         self.cluster = ClusterState()
         self.links: ClusterLinks | None = None
@@ -403,6 +405,8 @@ class Relay(ClusterRelay, RelayView):
             links.close()
         if self.authenticator is not None:
             self.authenticator.stop()  # type: ignore[attr-defined]
+        if self._store_dealer is not None:
+            self._store_dealer.close(0)
         for sock in (self.router, self.sub, self.pub):
             sock.close(0)
         log.info("relay stopped")
@@ -462,6 +466,30 @@ class Relay(ClusterRelay, RelayView):
         if now >= self._next_check:
             self._next_check = now + self.settings.heartbeat_ms / 1000
             self._check_liveness(now, self.settings.heartbeat_ms / 1000)
+
+    def _store_retained(self, topic: str, item: Item | None) -> None:
+        """Write a retained message (or its clear) to the store: the result of a merge."""
+        if self._store_dealer is None:
+            self._store_dealer = self.ctx.socket(zmq.DEALER)
+            self._store_dealer.setsockopt(zmq.LINGER, 0)
+            self._store_dealer.connect(endpoint(self.settings.ipc_dir, "store.ctl"))
+        retained = None
+        if item is not None:
+            qos, _retain, payload, origin, props, expiry_ms, _msg_id = item
+            wall = time.time()
+            retained = (
+                topic,
+                payload,
+                qos,
+                None if props is None else msgpack.packb(props, use_bin_type=True),
+                origin,
+                None if expiry_ms is None else wall + expiry_ms / 1000,
+                wall,
+            )
+        with contextlib.suppress(zmq.ZMQError):
+            self._store_dealer.send(env.pack_control("retain", 0, topic, retained, False), zmq.NOBLOCK)
+        while self._store_dealer.poll(0):  # the answers (durable / refused) are not awaited
+            self._store_dealer.recv()
 
     def _publish_sys(self, now: float) -> None:
         """$SYS topics as retained messages: to our workers, and to every other node."""

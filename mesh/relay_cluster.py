@@ -30,7 +30,7 @@ import zmq
 
 from mesh import envelope as env
 from mesh.cluster import ClusterLinks
-from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED
+from mesh.envelope import CH_DURABLE, CH_REMOTE, CH_RETAINED, CH_RETAINED_QUIET, CH_SHARED, Item
 from mesh.errors import EnvelopeError
 from mesh.hlc import ZERO, HybridClock, MergePolicy, Stamp, as_stamp, later, take_theirs
 from mesh.peers import Frames, Peer, State, survivor
@@ -101,6 +101,8 @@ class ClusterRelay:
         def _complete_syncs(self, now: float | None = None) -> None: ...
 
         def _publish_local(self, parts: list[bytes]) -> None: ...
+
+        def _store_retained(self, topic: str, item: Item | None) -> None: ...
 
     # -- from our workers --------------------------------------------------------------------------
 
@@ -393,8 +395,11 @@ class ClusterRelay:
                 self._remote_prefix(literal_prefix(topic_filter), -1)
         elif kind == "reg":
             client_id, epoch = str(body[0]), int(body[1])  # type: ignore[call-overload]
-            cluster.remote_clients[client_id] = (peer.name, epoch)
             self.state.epoch = max(self.state.epoch, epoch)
+            known = cluster.remote_clients.get(client_id)
+            if known is not None and (known[1], known[0]) > (epoch, peer.name):
+                return  # an older registration than one we know of (a healed split)
+            cluster.remote_clients[client_id] = (peer.name, epoch)
             held = self.state.registry.get(client_id)
             if (
                 held is not None
@@ -408,6 +413,7 @@ class ClusterRelay:
                     "client %r is also connected on node %s (newer): releasing ours", client_id, peer.name
                 )
                 del self.state.registry[client_id]
+                self.cluster_unregister(client_id, held[1])
                 if self.state.alive(worker):
                     self._reply(f"w{worker}".encode(), "release", 0, client_id, epoch, 0, False)
         elif kind == "unreg":
@@ -515,6 +521,10 @@ class ClusterRelay:
             state.retained_meta[topic] = (theirs, their_hits)
             state.apply(CH_RETAINED, message, _now(), mark=channel == CH_RETAINED)
             self._publish_local([channel, data])  # (quiet: stored by the workers, not routed)
+            if channel == CH_RETAINED_QUIET and self.settings.store:
+                # a merge after a split: the database must end with the winner too (a later
+                # start loads it); every node that did not hold the winner writes it
+                self._store_retained(topic, message.items[-1] if present else None)
         elif channel == CH_RETAINED:
             # an older value than ours: our subscribers still get the publish, nobody stores it
             self._publish_local([topic.encode(), data])
