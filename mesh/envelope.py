@@ -243,6 +243,8 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "recover": 1,  # [node]
         "wills": 1,  # [[client_id, will], ...]
         "rsnap": 0,  # []
+        "sstats": 0,  # relay -> store []: the writer's figures, for /metrics and /health
+        "sstate": 1,  # store -> relay [{transactions, ops, last_batch_ops, ...}]
         "rstate": 1,  # [retained, ...]
         # barriers (worker code in broker/meshlink.py; PROTOCOL.md rows still to be written)
         "sync": 1,  # worker -> relay [token]: reply `synced` once every other worker sent `seen`

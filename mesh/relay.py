@@ -207,6 +207,7 @@ class Relay(ClusterRelay, RelayView):
         self.minority = False
         self.http: HttpApi | None = None
         self._store_dealer: zmq.Socket[bytes] | None = None
+        self.store_stats: dict[str, object] = {}  # the store's writer figures (sstate)
         self.node = settings.node
         self.cluster = ClusterState()
         self.links: ClusterLinks | None = None
@@ -466,13 +467,32 @@ class Relay(ClusterRelay, RelayView):
         if now >= self._next_check:
             self._next_check = now + self.settings.heartbeat_ms / 1000
             self._check_liveness(now, self.settings.heartbeat_ms / 1000)
+            if self.settings.store:
+                self._poll_store()
+                with contextlib.suppress(zmq.ZMQError):
+                    self._store().send(env.pack_control("sstats", 0), zmq.NOBLOCK)
 
-    def _store_retained(self, topic: str, item: Item | None) -> None:
-        """Write a retained message (or its clear) to the store: the result of a merge."""
+    def _store(self) -> zmq.Socket[bytes]:
         if self._store_dealer is None:
             self._store_dealer = self.ctx.socket(zmq.DEALER)
             self._store_dealer.setsockopt(zmq.LINGER, 0)
             self._store_dealer.connect(endpoint(self.settings.ipc_dir, "store.ctl"))
+        return self._store_dealer
+
+    def _poll_store(self) -> None:
+        """Answers of the store: its figures (`sstate`); retain answers are not awaited."""
+        dealer = self._store()
+        while dealer.poll(0):
+            try:
+                control = env.unpack_control(dealer.recv())
+            except EnvelopeError:
+                continue
+            if control.kind == "sstate" and isinstance(control.body[0], dict):
+                self.store_stats = control.body[0]
+
+    def _store_retained(self, topic: str, item: Item | None) -> None:
+        """Write a retained message (or its clear) to the store: the result of a merge."""
+        dealer = self._store()
         retained = None
         if item is not None:
             qos, _retain, payload, origin, props, expiry_ms, _msg_id = item
@@ -487,9 +507,8 @@ class Relay(ClusterRelay, RelayView):
                 wall,
             )
         with contextlib.suppress(zmq.ZMQError):
-            self._store_dealer.send(env.pack_control("retain", 0, topic, retained, False), zmq.NOBLOCK)
-        while self._store_dealer.poll(0):  # the answers (durable / refused) are not awaited
-            self._store_dealer.recv()
+            dealer.send(env.pack_control("retain", 0, topic, retained, False), zmq.NOBLOCK)
+        self._poll_store()
 
     def _publish_sys(self, now: float) -> None:
         """$SYS topics as retained messages: to our workers, and to every other node."""

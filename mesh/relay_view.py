@@ -46,6 +46,7 @@ class RelayView:
     node: str
     draining: bool
     minority: bool
+    store_stats: dict[str, object]
 
     def init_view(self) -> None:
         self.lock = threading.RLock()  # (the loop, holding it, also builds $SYS from the same views)
@@ -106,6 +107,8 @@ class RelayView:
     def _store_status(self) -> str:
         if not self.settings.store:
             return "none"
+        if self.store_stats.get("degraded"):
+            return "degraded"
         now = time.monotonic()
         waits = [
             g.get("store_wait_ms", 0) for _c, g, at in self.worker_stats.values() if now - at < STATS_STALE_S
@@ -236,6 +239,17 @@ class RelayView:
             "live members seen, self included",
             [({"node": node}, float(str(health["nodeCount"])))],
         )
+        if self.store_stats:
+            for key, value in sorted(self.store_stats.items()):
+                if not isinstance(value, (int, float)):
+                    continue
+                total = key in ("transactions", "ops", "failures", "refused")
+                metric(
+                    f"store_{key}_total" if total else f"store_{key}",
+                    "counter" if total else "gauge",
+                    f"store writer: {key.replace('_', ' ')}",
+                    [({"node": node}, float(value))],
+                )
         metric(
             "retained_messages_node",
             "gauge",

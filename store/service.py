@@ -292,6 +292,24 @@ class StoreService:
             if ops:
                 self._write(ops, now)
             self._reply(identity, "wills", req, tuple(wills))
+        elif kind == "sstats":
+            stats = self.writer.stats
+            self._reply(
+                identity,
+                "sstate",
+                req,
+                {
+                    "transactions": stats.transactions,
+                    "ops": stats.ops,
+                    "last_batch_ops": stats.last_batch_ops,
+                    "max_batch_ops": stats.max_batch_ops,
+                    "failures": stats.failures,
+                    "refused": stats.refused,
+                    "last_commit_ms": round(stats.last_commit_s * 1000, 3),
+                    "degraded": int(self.writer.degraded),
+                    "pending_ops": self.writer.pending_ops,
+                },
+            )
         elif kind == "rsnap":
             self._reply(
                 identity, "rstate", req, tuple(wire.retained_to_wire(r) for r in self.backend.retained(wall))
