@@ -490,7 +490,8 @@ def test_flood_scenarios(mosquitto: bench.Broker, scenario: str) -> None:
     assert 0 <= _value(result, "loss") < 20  # QoS 0 may drop, but mosquitto keeps up with this
     assert _value(result, "extra deliveries") == 0
     assert _value(result, "broker CPU µs/msg") > 0
-    assert _value(result, "generator busiest proc CPU") > 0
+    # (reported; a short window on a loaded machine may see no clock tick of a generator process)
+    assert _value(result, "generator busiest proc CPU") >= 0
     assert len(result.notes) == len({n.split(":")[0] for n in result.notes}) >= 2
 
 
