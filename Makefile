@@ -16,8 +16,8 @@ INSTALLED := $(VENV)/.meshmq-installed
 # Bounds of one whole test run: pytest stops starting new tests after TEST_SESSION_S seconds
 # (and fails); coreutils timeout kills it after TEST_HARD_LIMIT_S in case a test hangs past its
 # own 120 s bound.
-TEST_SESSION_S ?= 420
-TEST_HARD_LIMIT_S ?= 480
+TEST_SESSION_S ?= 540
+TEST_HARD_LIMIT_S ?= 600
 PYTEST_ARGS ?=
 # Parallel test processes (pytest-xdist): most tests wait on real brokers and sockets, not the CPU.
 TEST_WORKERS ?= 4
