@@ -56,7 +56,9 @@ class Delivery:
                 self.counters.messages_dropped_too_large += 1
                 return
             conn.push(data)
-            self.counters.messages_sent += 1
+            counters = self.counters
+            counters.messages_sent += 1
+            counters.messages_sent_qos0 += 1
             return
         item = Outgoing(message, qos, retain, sub_ids)
         if (
@@ -98,7 +100,12 @@ class Delivery:
             return False
         session.inflight[pid] = item
         conn.push(data)
-        self.counters.messages_sent += 1
+        counters = self.counters
+        counters.messages_sent += 1
+        if item.qos == 1:
+            counters.messages_sent_qos1 += 1
+        else:
+            counters.messages_sent_qos2 += 1
         return True
 
     def done_with(self, session: Session, item: Outgoing) -> None:

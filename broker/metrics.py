@@ -22,6 +22,9 @@ class Counters:
     messages_received_qos1: int = 0
     messages_received_qos2: int = 0
     messages_sent: int = 0
+    messages_sent_qos0: int = 0
+    messages_sent_qos1: int = 0
+    messages_sent_qos2: int = 0
     messages_dropped_qos0_slow_client: int = 0
     messages_dropped_queue_full: int = 0
     messages_dropped_too_large: int = 0

@@ -325,6 +325,8 @@ class ClusterLinks:
                 self._unsequenced(peer.host, peer.port, "bye", [])
 
     def _gone(self, peer: Peer, why: State) -> None:
+        if peer.out is not None:
+            peer.dropped += peer.out.unacked
         peer.state = why
         peer.out = None
         peer.inn = InStream()  # if it speaks again, it must start a new stream (a snapshot)
@@ -539,6 +541,7 @@ class ClusterLinks:
         frames = out.resend_from(stream, first)
         if frames is None:
             log.warning("node %s asked for frames we no longer hold: starting a new stream", peer.name)
+            peer.dropped += out.unacked
             self._start_stream(peer)
             return
         self.counters["resends"] += len(frames)

@@ -115,6 +115,7 @@ class Peer:
     inn: InStream = field(default_factory=InStream)
     last_sent_ms: int = 0  # the peer's last hb sent_ms, echoed back for its round trip
     last_sent_seen_ms: int = 0  # when that hb arrived (our clock): the echo says how long we held it
+    dropped: int = 0  # frames sent and never acknowledged (lost with a restarted stream or a death)
 
     @property
     def routable(self) -> bool:

@@ -198,6 +198,7 @@ class RelayView:
                         "acked": 0 if out is None else out.acked,
                         "unacked": 0 if out is None else out.unacked,
                         "received": peer.inn.applied,
+                        "dropped": peer.dropped,
                         "rttMs": round(peer.rtt_ms, 3),
                     }
         return {"node": node, "workers": workers, "links": links}
@@ -264,12 +265,14 @@ class RelayView:
                 ("received", "frames received in order"),
                 ("unacked", "frames not yet acknowledged"),
                 ("rttMs", "heartbeat round trip, ms"),
+                ("dropped", "frames never acknowledged (lost with a restarted stream or a death)"),
             ):
                 name = {
                     "sent": "peer_frames_sent_total",
                     "received": "peer_frames_received_total",
                     "unacked": "peer_frames_unacked",
                     "rttMs": "peer_rtt_ms",
+                    "dropped": "peer_frames_dropped_total",
                 }[key]
                 metric(
                     name,
