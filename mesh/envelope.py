@@ -243,6 +243,8 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "recover": 1,  # [node]
         "wills": 1,  # [[client_id, will], ...]
         "rsnap": 0,  # []
+        "sinfo": 1,  # [client_id | nil] -> `sessinfo`: stored sessions, online flag, node, queued rows
+        "sessinfo": 1,  # [[client_id, online, node, expiry_s, queued], ...]
         "sstats": 0,  # relay -> store []: the writer's figures, for /metrics and /health
         "sstate": 1,  # store -> relay [{transactions, ops, last_batch_ops, ...}]
         "rstate": 1,  # [retained, ...]

@@ -25,8 +25,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import zmq
+
+from mesh import envelope as env
+from mesh.errors import EnvelopeError
 from mesh.peers import State
 from mesh.routes import RouteTable
+from mesh.sockets import endpoint
 
 if TYPE_CHECKING:
     from mesh.cluster import ClusterLinks
@@ -46,6 +51,7 @@ class RelayView:
     node: str
     draining: bool
     minority: bool
+    ctx: zmq.Context[zmq.Socket[bytes]]
     store_stats: dict[str, object]
 
     def init_view(self) -> None:
@@ -167,7 +173,45 @@ class RelayView:
                 rows.append({"clientId": cid, "node": node, "worker": None, "epoch": epoch, "online": True})
         if client_id is not None:
             rows = [r for r in rows if r["clientId"] == client_id]
+        stored = self._stored_sessions(client_id)
+        for row in rows:  # queued rows of the connected ones
+            info = stored.pop(str(row["clientId"]), None)
+            row["queued"] = None if info is None else info[3]
+        for cid, (online, node, expiry_s, queued) in stored.items():  # the offline persistent ones
+            if not online:
+                rows.append(
+                    {
+                        "clientId": cid,
+                        "node": node,
+                        "worker": None,
+                        "epoch": None,
+                        "online": False,
+                        "queued": queued,
+                        "expiryS": expiry_s,
+                    }
+                )
         return sorted(rows, key=lambda r: str(r["clientId"]))
+
+    def _stored_sessions(self, client_id: str | None) -> dict[str, tuple[bool, str, int, int]]:
+        """The store's sessions (all, up to its limit, or one): asked from the HTTP thread on a
+        socket of its own (ZeroMQ sockets are not shared between threads)."""
+        if not self.settings.store:
+            return {}
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        try:
+            dealer.connect(endpoint(self.settings.ipc_dir, "store.ctl"))
+            dealer.send(env.pack_control("sinfo", 1, client_id))
+            if not dealer.poll(2000):
+                return {}
+            control = env.unpack_control(dealer.recv())
+        except (zmq.ZMQError, EnvelopeError):
+            return {}
+        finally:
+            dealer.close(0)
+        if control.kind != "sessinfo" or not isinstance(control.body[0], tuple):
+            return {}
+        return {str(c): (bool(on), str(node), int(exp), int(q)) for c, on, node, exp, q in control.body[0]}
 
     def retained(self, topic_filter: str | None) -> dict[str, object]:
         wanted = _selector(topic_filter)

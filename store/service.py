@@ -50,6 +50,7 @@ from store.writer import GroupCommit
 log = logging.getLogger("store.service")
 
 CH_DURABLE = b"\x00D"
+SINFO_LIMIT = 1000  # sessions listed at once by `sinfo` (meshctl sessions)
 EXIT_CONFIG = 3  # the supervisor stops the node instead of restarting the store
 NEVER_EXPIRES_S = 0xFFFFFFFF
 SWEEP_S = 1.0
@@ -292,6 +293,23 @@ class StoreService:
             if ops:
                 self._write(ops, now)
             self._reply(identity, "wills", req, tuple(wills))
+        elif kind == "sinfo":
+            (client_id,) = body
+            self.writer.commit(now, time.monotonic)  # what was written is what we report
+            if client_id is None:
+                records = self.backend.sessions()[:SINFO_LIMIT]
+            else:
+                one = self.backend.load_session(str(client_id))
+                records = [] if one is None else [one]
+            self._reply(
+                identity,
+                "sessinfo",
+                req,
+                tuple(
+                    (r.client_id, r.online, r.node, r.expiry_s, self.backend.queue_depth(r.client_id))
+                    for r in records
+                ),
+            )
         elif kind == "sstats":
             stats = self.writer.stats
             self._reply(

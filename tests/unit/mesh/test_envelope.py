@@ -375,6 +375,8 @@ def test_control_kinds_table() -> None:
         "recover": 1,
         "wills": 1,
         "rsnap": 0,
+        "sinfo": 1,
+        "sessinfo": 1,
         "sstats": 0,
         "sstate": 1,
         "rstate": 1,
