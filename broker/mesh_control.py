@@ -97,16 +97,17 @@ class ControlPlane:
         done: Callable[[int, SessionWire | None, float], None],
     ) -> None:
         if self.peers == 0:
-            # The only worker of the node holds every client id: no registry round trip.
+            # The only worker of the node holds every client id: no registry round trip (the
+            # relay only hears of it, for /api/sessions and meshctl).
             self.local_epoch += 1
+            self._control("register", client_id, self.local_epoch)
             done(self.local_epoch, None, now)
             return
         req = self._control("claim", client_id, clean_start)
         self.claims[req] = Claim(client_id, clean_start, done, now + self.handoff_timeout_s)
 
     def session_ended(self, client_id: str, epoch: int) -> None:
-        if self.peers:
-            self._control("unregister", client_id, epoch)
+        self._control("unregister", client_id, epoch)
 
     def barrier(self, now: float, done: Callable[[float], None]) -> None:
         if self.peers == 0:

@@ -102,7 +102,8 @@ class WorkerMesh(ControlPlane):
         self.dealer.connect(endpoint(ipc_dir, "relay.ctl"))
 
         self.local_prefixes: dict[str, int] = {}
-        self.local_filters: dict[str, int] = {}  # cluster: filter -> subscriptions (routes for the relay)
+        self.local_filters: dict[str, int] = {}
+        self.retained_listeners = 0  # subscriptions to \x00R seen on our XPUB (the relay's first)  # cluster: filter -> subscriptions (routes for the relay)
         self.remote_slots: dict[tuple[str, int], int] = {}  # (node, worker) -> worker id in the core
         self.slot_names: dict[int, tuple[str, int]] = {}
         self.remote_prefixes: set[str] = set()
@@ -150,6 +151,13 @@ class WorkerMesh(ControlPlane):
     async def join(self, timeout_s: float = 10.0) -> None:
         """Say hello to the relay and load the retained messages and shared members (Clone)."""
         self._control("hello", self.index, self.incarnation, os.getpid())
+        if self.peers == 0:
+            # No barrier without peers: at least wait until the relay's SUB is linked to our XPUB,
+            # so that a retained message published at once reaches the relay's copy too.
+            deadline = self.loop.time() + timeout_s
+            while not self.retained_listeners and self.loop.time() < deadline:
+                self._on_pub()
+                await asyncio.sleep(0.005)
         # First make sure every live peer and we are linked both ways and see each other's
         # subscriptions (a barrier), then take the snapshot: an update sent before our links
         # existed is then in the snapshot, and every later one reaches us [Clone pattern].
@@ -398,6 +406,8 @@ class WorkerMesh(ControlPlane):
             if topic.startswith(b"\x00"):
                 if subscribe and topic.startswith(CH_SYNC):
                     self._sync_seen(topic[len(CH_SYNC) :], 1)
+                elif subscribe and topic == CH_RETAINED:
+                    self.retained_listeners += 1  # the relay (and other workers) hear our \x00R
                 continue
             prefix = topic.decode("utf-8", "replace")
             if subscribe:

@@ -260,6 +260,7 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "reassert": 0,  # relay -> worker []: a node that recovered our sessions is back: mark ours online
         "resync": 0,
         "rescan": 0,
+        "register": 2,  # worker -> relay [client_id, epoch]: a single worker's own claim (no answer)
         "stats": 3,  # worker -> relay [index, counters, gauges]: every heartbeat, for /metrics
         "minority": 2,
         "minorityops": 3,  # relay -> workers [minority, allow_publish, allow_subscribe] (AllowConnect)  # relay -> workers [minority, server_reference]: split-brain protection  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again

@@ -600,6 +600,11 @@ class Relay(ClusterRelay, RelayView):
                 self._reply(identity, "claimed", req, client_id, epoch, holder, False)
                 if self.links is not None:
                     self.links.broadcast("reg", (client_id, epoch, sender))
+        elif kind == "register" and sender is not None:
+            # a single-worker node's claim, answered by the worker itself (no other holder)
+            registered_id, registered_epoch = body
+            assert isinstance(registered_id, str) and isinstance(registered_epoch, int)
+            state.registry[registered_id] = (sender, registered_epoch)
         elif kind == "unregister":
             client_id, ended_epoch = body
             assert isinstance(client_id, str) and isinstance(ended_epoch, int)

@@ -268,15 +268,7 @@ def test_members_and_retained(node: HttpNode) -> None:
 @pytest.mark.parametrize(
     "workers",
     [
-        pytest.param(
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a node with one worker and no cluster never claims client ids at the relay "
-                "(broker/mesh_control.py claim(): peers == 0 answers locally), so the relay's "
-                "registry, /api/sessions and /api/members' clients stay empty",
-            ),
-        ),
+        1,
         2,
     ],
 )

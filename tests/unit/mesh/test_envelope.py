@@ -353,6 +353,7 @@ def test_control_kinds_table() -> None:
         "reassert": 0,
         "resync": 0,
         "rescan": 0,
+        "register": 2,
         "stats": 3,
         "minority": 2,
         "minorityops": 3,
