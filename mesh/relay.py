@@ -682,6 +682,7 @@ class Relay(ClusterRelay, RelayView):
 
     def _drain_sub(self, now: float) -> None:
         cluster = self.links is not None
+        message: env.DataMessage | None
         for _ in range(1024):
             try:
                 channel, data = self.sub.recv_multipart(zmq.NOBLOCK)
@@ -698,8 +699,10 @@ class Relay(ClusterRelay, RelayView):
                 self.state.apply(channel, message, now)
                 if channel == CH_RETAINED and isinstance(message, env.PublishBatch):
                     self.stamp_retained(message.topic)
+            else:
+                message = None
             if cluster:
-                self.forward_local(channel, data, now)
+                self.forward_local(channel, data, now, message)
 
 
 def run(settings: RelaySettings) -> None:

@@ -104,6 +104,8 @@ class ClusterRelay:
 
         def _store_retained(self, topic: str, item: Item | None) -> None: ...
 
+        def drain(self, node: str | None) -> bool: ...
+
     # -- from our workers --------------------------------------------------------------------------
 
     def local_route(self, worker: int, op: str, topic_filter: str) -> None:
@@ -184,8 +186,11 @@ class ClusterRelay:
 
     # -- the workers' data for other nodes ----------------------------------------------------------
 
-    def forward_local(self, channel: bytes, data: bytes, now: float) -> None:
-        """A message from a local worker (or the store's `\\x00D`) that other nodes may want."""
+    def forward_local(
+        self, channel: bytes, data: bytes, now: float, message: env.DataMessage | None = None
+    ) -> None:
+        """A message from a local worker (or the store's `\\x00D`) that other nodes may want;
+        `message` is the envelope already decoded (`\\x00R`, `\\x00S`), so it is not decoded twice."""
         links = self.links
         if links is None:
             return
@@ -199,10 +204,11 @@ class ClusterRelay:
                         links.send(peer, "d", (), frames)
             return
         if channel in (CH_RETAINED, CH_SHARED):
-            try:
-                message = env.unpack_data(data)
-            except EnvelopeError:
-                return
+            if message is None:
+                try:
+                    message = env.unpack_data(data)
+                except EnvelopeError:
+                    return
             if isinstance(message, env.SyncMarker) or "/" in message.origin:
                 return
             relabelled = self._relabel(message)
@@ -349,10 +355,7 @@ class ClusterRelay:
             self._reply(identity, "minority", 0, self.minority, self._minority_reference())
 
     def drain_requested(self, peer: Peer) -> None:
-        import os
-        import signal
-
-        os.kill(os.getppid(), signal.SIGTERM)  # the supervisor drains the node
+        self.drain(None)  # as POST /admin/shutdown: the supervisor drains the node
 
     def _drop_node_state(self, name: str) -> None:
         cluster = self.cluster
@@ -567,6 +570,4 @@ class ClusterRelay:
 
 
 def _now() -> float:
-    import time
-
     return time.monotonic()
