@@ -13,8 +13,7 @@ SessionStore sections, the top-level table, loading and `with_overrides`.
 
 Must not: read anything but the file and the environment; keep dicts past this module (values
 leave as frozen dataclasses); accept a key it does not know (a typo would otherwise be ignored
-silently); accept the sections reserved for later work (Http, TCPS, WS, WSS, Auth) before the
-code that honours them exists.
+silently); accept a section before the code that honours it exists.
 
 Invariants (those of every key's value are stated in `broker/config_values.py`, those between
 Mesh keys in `broker/config_mesh.py`):
@@ -33,6 +32,18 @@ from typing import Final
 
 import yaml
 
+from broker.config_access import (
+    AUTH,
+    LIMITS,
+    TLS,
+    WEBSOCKET,
+    AclRule,
+    AuthConfig,
+    LimitsConfig,
+    TlsConfig,
+    WebSocketConfig,
+    check_access,
+)
 from broker.config_mesh import (
     _CLUSTER,
     _HTTP,
@@ -64,6 +75,11 @@ from broker.config_values import _Section as _Section  # re-exported: tests walk
 
 __all__ = [
     "LOG_LEVELS",
+    "AclRule",
+    "AuthConfig",
+    "LimitsConfig",
+    "TlsConfig",
+    "WebSocketConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -148,6 +164,9 @@ class Config:
     workers: int = 0  # 0: one per core
     listen_address: str = "0.0.0.0"
     tcp_port: int = 1883  # 0: no plain TCP listener
+    tls_port: int = 0  # TCPS: MQTT over TLS; 0 = off
+    ws_port: int = 0  # WS: MQTT over WebSocket; 0 = off
+    wss_port: int = 0  # WSS: MQTT over WebSocket over TLS; 0 = off
     worker_port_base: int = 0  # >0: worker N also listens on this + N (tests, benchmarks, debugging)
     shutdown_grace_s: float = 10.0  # SIGTERM: time for clients to be told and workers to drain
     cluster: bool = False  # cluster mode: -cluster on the command line or Cluster.Enabled: true
@@ -157,6 +176,10 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     cluster_config: ClusterConfig = field(default_factory=ClusterConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def worker_count(self) -> int:
@@ -244,6 +267,13 @@ _TOP: Final = _Section(
         "Workers": ("workers", _WORKERS),
         "ListenAddress": ("listen_address", _listen_address),
         "TCP": ("tcp_port", _TCP_PORT),
+        "TCPS": ("tls_port", _TCP_PORT),
+        "WS": ("ws_port", _TCP_PORT),
+        "WSS": ("wss_port", _TCP_PORT),
+        "TLS": ("tls", TLS),
+        "WebSocket": ("websocket", WEBSOCKET),
+        "Auth": ("auth", AUTH),
+        "Limits": ("limits", LIMITS),
         "WorkerPortBase": ("worker_port_base", _integer(0, _MAX_U16 - 1024)),
         "ShutdownGrace": ("shutdown_grace_s", _positive_seconds),
         "MQTT": ("mqtt", _MQTT),
@@ -253,7 +283,6 @@ _TOP: Final = _Section(
         "SessionStore": ("session_store", _SESSION_STORE),
         "Logging": ("logging", _LOGGING),
     },
-    later=frozenset({"TCPS", "WS", "WSS", "Auth"}),
 )
 
 
@@ -285,6 +314,12 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {_show(data)}")
     config = _TOP(data, "")
     _check_mesh(config.mesh)
+    check_access(
+        config.tls,
+        config.auth,
+        (config.tls_port, config.wss_port),
+        config.session_store.type is not StoreType.MEMORY,
+    )
     return dataclasses.replace(config, cluster=config.cluster or config.cluster_config.enabled)
 
 
