@@ -42,6 +42,14 @@ class Counters:
     sessions_taken_over: int = 0
     keepalive_timeouts: int = 0
     messages_refused_minority: int = 0
+    # access (broker/ACCESS.md)
+    tls_handshake_failures: int = 0
+    auth_failures: int = 0  # CONNACK 0x86 / 0x04: unknown user, wrong or missing password
+    connections_not_authorized: int = 0  # CONNACK 0x87 / 0x05: anonymous refused, will denied
+    publish_denied: int = 0
+    subscribe_denied: int = 0
+    deliveries_denied: int = 0
+    wills_denied: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

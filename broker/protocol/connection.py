@@ -93,6 +93,8 @@ class ServerConnection:
         "problem_information",
         "session",
         "state",
+        "tls_identity",
+        "username",
         "version",
         "will_cleared",
         "write_paused",
@@ -134,6 +136,10 @@ class ServerConnection:
         self.alias_out: dict[str, int] = {}
         self.out_dropped = 0
         self.will_cleared = False
+        # The verified client certificate's subject, when the listener uses it as the username
+        # (set by the net layer right after open_connection; TLS.UseSubjectAsUsername).
+        self.tls_identity: str | None = None
+        self.username: str | None = None  # who the client authenticated as (None: anonymous)
 
     # -- input --------------------------------------------------------------------------------
 
