@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import logging
 
-from broker.config import MqttConfig
+from broker.config import AuthConfig, LimitsConfig, MqttConfig
 from broker.delivery import Delivery
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
 from broker.lifecycle import SessionLifecycle
@@ -55,8 +55,13 @@ class BrokerCore(SessionLifecycle, Delivery):
         mesh: MeshPort | None = None,
         new_client_id: ClientIdSource = random_client_id,
         worker_index: int = 0,
+        limits: LimitsConfig | None = None,
+        auth: AuthConfig | None = None,
     ) -> None:
         self.config = config
+        # Limits against abuse (Limits section; MaxConnectRate already this worker's share)
+        self.limits_config = limits or LimitsConfig()
+        self.auth_config = auth or AuthConfig()
         self.worker_index = worker_index
         self.store: SessionStore = store or MemorySessionStore()
         self.mesh: MeshPort = mesh or NoMesh()

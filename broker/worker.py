@@ -45,7 +45,12 @@ class Worker:
         # MaxConnections is the node's: each worker takes its share.
         per_worker = math.ceil(config.mqtt.max_connections / config.worker_count)
         mqtt = replace(config.mqtt, max_connections=per_worker)
-        self.core = BrokerCore(mqtt, mesh=mesh, store=store, worker_index=worker_index)
+        limits = config.limits
+        if limits.max_connect_rate:  # the node's, per source address: each worker takes its share
+            limits = replace(limits, max_connect_rate=math.ceil(limits.max_connect_rate / config.worker_count))
+        self.core = BrokerCore(
+            mqtt, mesh=mesh, store=store, worker_index=worker_index, limits=limits, auth=config.auth
+        )
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._ticker_task: asyncio.Task[None] | None = None
