@@ -21,6 +21,8 @@ from __future__ import annotations
 import heapq
 import logging
 
+from broker.acl import AuthTable, Rule
+from broker.authn import CredentialCache, InlineVerifier, PasswordVerifier
 from broker.config import AuthConfig, LimitsConfig, MqttConfig
 from broker.delivery import Delivery
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
@@ -61,7 +63,12 @@ class BrokerCore(SessionLifecycle, Delivery):
         self.config = config
         # Limits against abuse (Limits section; MaxConnectRate already this worker's share)
         self.limits_config = limits or LimitsConfig()
-        self.auth_config = auth or AuthConfig()
+        self.auth_config = auth = auth or AuthConfig()
+        # Users and rules (broker/acl.py): the store's, sent on the store plane, then Auth.Acl.
+        self.config_rules = tuple(Rule(r.user, r.topic, r.access) for r in auth.acl)
+        self.auth_table = AuthTable(rules=self.config_rules, no_match_allow=auth.acl_no_match == "ALLOW")
+        self.verifier: PasswordVerifier = InlineVerifier()  # the worker sets a thread-pool one
+        self.credentials = CredentialCache()
         self.worker_index = worker_index
         self.store: SessionStore = store or MemorySessionStore()
         self.mesh: MeshPort = mesh or NoMesh()

@@ -44,6 +44,10 @@ class Delivery:
     def deliver(
         self, session: Session, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float
     ) -> None:
+        access = session.access
+        if access is not None and not access.may_read(message.topic):
+            self.counters.deliveries_denied += 1  # the rules changed, or a wildcard reaches further
+            return
         conn = session.connection
         if qos == 0:
             if conn is None:

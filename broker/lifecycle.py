@@ -219,6 +219,12 @@ class SessionLifecycle:
         session.will_at = None
         if will is None:
             return
+        access = session.access
+        if access is not None and not access.may_publish(will.topic):
+            # checked at CONNECT too; the rules changed since [broker/ACCESS.md]
+            self.counters.wills_denied += 1
+            log.warning("client %r: will to %r not published: not authorized", session.client_id, will.topic)
+            return
         self.counters.wills_published += 1
         self.publish_server_message(self.will_message(will, session.client_id, now), now)
 

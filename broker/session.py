@@ -27,6 +27,7 @@ from broker.messages import Message
 from broker.protocol.packets import Will
 
 if TYPE_CHECKING:
+    from broker.acl import Access
     from broker.protocol.connection import ServerConnection
 
 NEVER_EXPIRES_S = 0xFFFFFFFF
@@ -72,6 +73,7 @@ class Outgoing:
 
 class Session:
     __slots__ = (
+        "access",
         "client_id",
         "connection",
         "dropped_messages",
@@ -107,6 +109,9 @@ class Session:
         self.dropped_messages = 0
         self.epoch = 0  # from the node's client registry; a stale epoch loses every race
         self.stored = False  # the store holds a row for it (it was persistent when last saved)
+        # What its client may publish and read (Auth.Enabled), set at each CONNECT and when the
+        # rules change; None: everything (no authorisation).
+        self.access: Access | None = None
 
     @property
     def persistent(self) -> bool:

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 import msgpack
 import zmq
 
+from broker.acl import table_from_wire
 from broker.config import Config
+from broker.handlers.auth import apply_auth_table
 from broker.mesh_codec import props_from_wire, props_to_wire
 from broker.messages import Message
 from broker.protocol.packets import NO_PROPERTIES, Properties, Will
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.store")
 
 CH_DURABLE = b"\x00D"
+CH_AUTH = b"\x00A"
 POLL_S = 0.002  # see WorkerMesh._on_poll: ZeroMQ FDs can stay quiet after a signal was consumed
 LoadDone = Callable[[SessionRecord | None, list[QueuedRecord], bool, float], None]
 PersistDone = Callable[[bool, float], None]
@@ -90,6 +93,7 @@ class StoreLink:
             # the other nodes' persistent subscriptions, relayed (mesh/PROTOCOL.md, the cluster plane)
             self.sub.connect(endpoint(ipc_dir, "relay.pub"))
         self.sub.subscribe(CH_DURABLE)
+        self.sub.subscribe(CH_AUTH)  # users and ACL rules (broker/ACCESS.md)
         self.req_id = 0
         self.waiting: dict[int, Callable[[env.Control, float], None]] = {}
         self.sent_at: dict[int, float] = {}  # req_id -> when it was sent (insertion order = age order)
@@ -140,6 +144,9 @@ class StoreLink:
         for client_id, subs in self.buffered:
             self._apply_dsub(client_id, subs)
         self.buffered = []
+        if self.config.auth.enabled:
+            control = await self._ask("auth", (), patience_s)
+            self._apply_auth(control.body)
         if self.index != 1:
             return []
         control = await self._ask("recover", (self.node,), patience_s)
@@ -452,11 +459,38 @@ class StoreLink:
             except (ValueError, EnvelopeError) as exc:
                 log.warning("store: bad subscription update dropped: %s", exc)
                 continue
+            if control.kind == "authtable":
+                self._apply_auth(control.body)
+                continue
             client_id, subs = control.body
             if not self.snapshot_done:
                 self.buffered.append((str(client_id), subs))
             else:
                 self._apply_dsub(str(client_id), subs)
+
+
+    def _apply_auth(self, body: tuple[object, ...]) -> None:
+        """A table of users and rules from the store (a snapshot, or a broadcast after a change)."""
+        core = self.core
+        if core is None:
+            return
+        try:
+            version, users, rules = body
+            if not (isinstance(version, int) and isinstance(users, tuple) and isinstance(rules, tuple)):
+                raise TypeError(f"authtable of types {type(version)}, {type(users)}, {type(rules)}")
+            if version < core.auth_table.version:
+                return  # an older snapshot than a broadcast already applied
+            table = table_from_wire(
+                version,
+                ((str(u), str(h), bool(a)) for u, h, a in users),
+                ((int(i), str(u), str(t), str(a)) for i, u, t, a in rules),
+                core.config_rules,
+                core.auth_table.no_match_allow,
+            )
+        except (ValueError, TypeError) as exc:
+            log.warning("store: bad users/rules table dropped: %s", exc)
+            return
+        apply_auth_table(core, table)
 
 
 def _wills(control: env.Control) -> list[tuple[str, Will]]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from broker.handlers.auth import authenticate
 from broker.handlers.common import is_utf8, refuse_connect
 from broker.mesh_codec import session_from_wire
 from broker.ports import CLAIM_LOST
@@ -27,6 +28,7 @@ from broker.protocol.topics import validate_topic_name
 from broker.session import NEVER_EXPIRES_S, Session, SubEntry
 
 if TYPE_CHECKING:
+    from broker.acl import Access
     from broker.core import BrokerCore
     from mesh.envelope import SessionWire
     from store.records import QueuedRecord, SessionRecord
@@ -100,6 +102,36 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
             refuse_connect(conn, Reason.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
             return
 
+    authenticate(
+        core,
+        conn,
+        packet,
+        now,
+        lambda username, now: _admit(core, conn, packet, client_id, assigned, username, now),
+    )
+
+
+def _admit(
+    core: BrokerCore,
+    conn: ServerConnection,
+    packet: Connect,
+    client_id: str,
+    assigned: bool,
+    username: str | None,
+    now: float,
+) -> None:
+    """The client is who it says: check its will against the rules, then claim the client id."""
+    cfg = core.config
+    v5 = conn.version is V5
+    props = packet.properties
+    will = packet.will
+    conn.username = username
+    access = core.auth_table.access_for(username, client_id) if core.auth_config.enabled else None
+    if will is not None and access is not None and not access.may_publish(will.topic):
+        core.counters.connections_not_authorized += 1
+        refuse_connect(conn, Reason.NOT_AUTHORIZED, f"will topic {will.topic!r} not authorized")
+        return
+
     # Session expiry: 3.1.1 clean session 0 means "never expires" (capped by config).
     if v5:
         requested_expiry = props.session_expiry_interval_s or 0
@@ -140,8 +172,9 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
         )
     # The client id may be held elsewhere in the node: claim it, and answer CONNACK once it is
     # ours (with the session the previous owner hands over). Packets that follow CONNECT wait.
-    pending = _Pending(client_id, packet.clean_start, expiry, will, connack_props)
-    conn.held = []
+    pending = _Pending(client_id, packet.clean_start, expiry, will, connack_props, access)
+    if conn.held is None:  # (not None: packets held while the password was checked)
+        conn.held = []
     core.connecting[client_id] = conn
     core.mesh.claim(
         client_id,
@@ -160,6 +193,7 @@ class _Pending:
     expiry_s: int
     will: Will | None
     connack_props: Properties
+    access: Access | None
 
 
 def _claimed(
@@ -239,6 +273,9 @@ def _connected(
     session = conn.session
     assert session is not None
     session.epoch = epoch
+    session.access = access = pending.access
+    if access is not None and session.queue:
+        _drop_unreadable(core, session, access)
     session.will = pending.will
     session.will_at = None
     conn.state = ConnectionState.CONNECTED
@@ -357,6 +394,19 @@ def _attach_session(
     session.connection = conn
     conn.session = session
     return present, wait
+
+
+def _drop_unreadable(core: BrokerCore, session: Session, access: Access) -> None:
+    """Queued messages (from the store, or kept while offline) this client may not read now."""
+    kept = [item for item in session.queue if access.may_read(item.message.topic)]
+    if len(kept) == len(session.queue):
+        return
+    for item in session.queue:
+        if not access.may_read(item.message.topic):
+            core.counters.deliveries_denied += 1
+            core.done_with(session, item)
+    session.queue.clear()
+    session.queue.extend(kept)
 
 
 def _not_connecting(core: BrokerCore, conn: ServerConnection, client_id: str) -> None:

@@ -68,6 +68,10 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
     if core.refuse_publish:
         _refuse_in_minority(core, conn, packet)
         return
+    access = session.access
+    if access is not None and not access.may_publish(topic):
+        _refuse_not_authorized(core, conn, session, packet, topic)
+        return
 
     if qos == 0:
         counters.messages_received_qos0 += 1
@@ -243,6 +247,36 @@ def _refuse_in_minority(core: BrokerCore, conn: ServerConnection, packet: Publis
     if packet.qos:
         ack = Puback if packet.qos == 1 else Pubrec
         send_ack(conn, ack(packet.packet_id, Reason.IMPLEMENTATION_SPECIFIC_ERROR))
+
+
+def _refuse_not_authorized(
+    core: BrokerCore, conn: ServerConnection, session: Session, packet: Publish, topic: str
+) -> None:
+    """The rules do not let this client publish to `topic`: not delivered, not retained. 5.0
+    QoS 1/2 are told (0x87); QoS 0 and 3.1.1 are acknowledged as usual [MQTT-3.3.5-2]."""
+    core.counters.publish_denied += 1
+    access = session.access
+    assert access is not None
+    access.denials += 1
+    if access.denials == 1 or access.denials % 1000 == 0:
+        log.warning(
+            "client %r (user %r): publish to %r not authorized (%d refused so far)",
+            session.client_id,
+            access.username,
+            topic,
+            access.denials,
+        )
+    qos = packet.qos
+    if not qos:
+        return
+    pid = packet.packet_id
+    if conn.version is V5:
+        send_ack(conn, Puback(pid, Reason.NOT_AUTHORIZED) if qos == 1 else Pubrec(pid, Reason.NOT_AUTHORIZED))
+    elif qos == 1:
+        send_ack(conn, Puback(pid))
+    else:
+        session.inbound_qos2.add(pid)  # the flow goes on to PUBREL / PUBCOMP
+        send_ack(conn, Pubrec(pid))
 
 
 def send_ack(conn: ServerConnection, ack: Packet) -> None:

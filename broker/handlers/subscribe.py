@@ -9,6 +9,7 @@ Must not: do IO or read the clock; match topics itself.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from broker.protocol.connection import ConnectionState, ServerConnection
@@ -21,6 +22,8 @@ from broker.session import SubEntry
 if TYPE_CHECKING:
     from broker.core import BrokerCore
     from broker.messages import Message
+
+log = logging.getLogger("broker.handlers.subscribe")
 
 V5 = ProtocolVersion.V5
 
@@ -49,6 +52,17 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
         group, topic_filter = parse_shared(sub.topic_filter)
         if group is not None and sub.no_local:
             raise ProtocolError("No Local on a shared subscription [MQTT-3.8.3-4]")
+        access = session.access
+        if access is not None and not access.may_subscribe(topic_filter):
+            core.counters.subscribe_denied += 1
+            log.info(
+                "client %r (user %r): subscription to %r not authorized",
+                session.client_id,
+                access.username,
+                sub.topic_filter,
+            )
+            codes.append(Reason.NOT_AUTHORIZED if v5 else Reason.UNSPECIFIED_ERROR)
+            continue
         granted = sub.qos if sub.qos <= cfg.maximum_qos else cfg.maximum_qos  # [MQTT-3.2.2-10 area]
         entry = SubEntry(
             client_id=session.client_id,
