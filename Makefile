@@ -55,11 +55,12 @@ run: $(INSTALLED)
 system-deps:
 	@if [ -x /usr/sbin/mosquitto ] && command -v mosquitto_pub >/dev/null \
 	    && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
-	    && command -v nft >/dev/null && command -v ip >/dev/null && command -v haproxy >/dev/null; then :; else \
-	  echo "installing Debian packages: mosquitto mosquitto-clients postgresql nftables iproute2 haproxy"; \
+	    && command -v nft >/dev/null && command -v ip >/dev/null && command -v haproxy >/dev/null \
+	    && command -v openssl >/dev/null; then :; else \
+	  echo "installing Debian packages: mosquitto mosquitto-clients postgresql nftables iproute2 haproxy openssl"; \
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients postgresql \
-	    nftables iproute2 haproxy; \
+	    nftables iproute2 haproxy openssl; \
 	fi
 
 # Exit status 5 (no tests collected) fails like any other non-zero status; it gets its own line.
