@@ -19,6 +19,13 @@ Contract every backend keeps:
   same time (two nodes on one PostgreSQL) never return the same row.
 - `retained(now)` returns the retained messages that have not expired, in topic order;
   `sessions()` returns every session, in client id order.
+- Users and ACL rules (`broker/ACCESS.md`): every change (`put_user`, `delete_user`, `add_acl`,
+  `delete_acl`) checks its input first (`records.check_user` / `check_acl`, `StoreRecordError`)
+  and bumps `auth_version` by one in the same transaction, and returns the version after it; a
+  delete that found nothing changes nothing and returns the current version. `load_auth` is
+  one consistent snapshot: users by name, rules by id. Rule ids only grow and are never reused.
+  In PostgreSQL every change first locks the version row, so writers on several nodes are
+  serialised and each sees the version it produced.
 - Errors: `StoreConfigError` (will never work as configured), `StoreUnavailable` (retry later),
   `StoreRecordError` (bad input), all `StoreError`. Messages never contain a password.
 - The store process is single threaded per backend object, except that a PostgreSQL backend may
@@ -31,7 +38,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from store.errors import StoreConfigError
-from store.records import QueuedRecord, RetainedRecord, SessionRecord, WriteOp
+from store.records import AclRecord, QueuedRecord, RetainedRecord, SessionRecord, UserRecord, WriteOp
 
 __all__ = ["KINDS", "Backend", "open_backend"]
 
@@ -65,6 +72,27 @@ class Backend(Protocol):
 
     def schema_version(self) -> int:
         """The newest applied migration (0 for the memory backend, which has none)."""
+
+    # --- users and ACL rules --------------------------------------------------------------------
+
+    def auth_version(self) -> int:
+        """The version of users and rules: 0 at first, +1 with every change."""
+
+    def load_auth(self) -> tuple[int, list[UserRecord], list[AclRecord]]:
+        """`(version, users by name, rules by id)`, all from one snapshot."""
+
+    def put_user(self, username: str, password_hash: str | None, admin: bool | None) -> tuple[int, bool]:
+        """Create or change a user; None leaves that field unchanged (a new user needs a hash,
+        its admin flag defaults to False). Returns `(version, created)`."""
+
+    def delete_user(self, username: str) -> tuple[int, bool]:
+        """Delete the user and every rule whose `user` is `username`. `(version, the user existed)`."""
+
+    def add_acl(self, user: str, topic: str, access: str) -> tuple[int, int]:
+        """Append a rule; `(version, its id)`."""
+
+    def delete_acl(self, rule_id: int) -> tuple[int, bool]:
+        """Delete a rule; `(version, it existed)`."""
 
 
 def open_backend(

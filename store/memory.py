@@ -9,6 +9,8 @@ Must not: share state between instances, or survive the process (nothing here is
 Invariants:
 - `apply` checks the whole batch first (`check_ops`); after that nothing in it can fail, so the
   batch lands completely or (on a bad record) not at all, like a SQL transaction.
+- Users and rules change only after their check passed, so a refused change leaves no trace;
+  `_auth_version` grows by one per change, `_last_rule_id` only grows (ids are never reused).
 - `_Queue.rows` is ordered by seq because seqs are handed out increasing and appended; fetch
   walks it from the front. `by_msg` indexes the same rows by message id for `Ack`.
 """
@@ -18,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from store.errors import StoreError
+from store.errors import StoreError, StoreRecordError
 from store.records import (
     Ack,
+    AclRecord,
     ClearRetained,
     DeleteSession,
     Enqueue,
@@ -30,8 +33,13 @@ from store.records import (
     SetOnline,
     SetRetained,
     UpsertSession,
+    UserRecord,
     WriteOp,
+    check_acl,
+    check_acl_id,
     check_ops,
+    check_user,
+    check_username,
 )
 
 __all__ = ["MemoryBackend"]
@@ -65,6 +73,10 @@ class MemoryBackend:
         self._queues: dict[str, _Queue] = {}
         self._retained: dict[str, RetainedRecord] = {}
         self._last_seq = 0
+        self._users: dict[str, UserRecord] = {}
+        self._rules: dict[int, AclRecord] = {}  # in id order: ids are handed out increasing
+        self._auth_version = 0
+        self._last_rule_id = 0
 
     def open(self) -> None:
         self._open = True
@@ -185,6 +197,62 @@ class MemoryBackend:
         return [
             r for topic, r in sorted(self._retained.items()) if r.expires_at is None or r.expires_at > now
         ]
+
+    # --- users and ACL rules ----------------------------------------------------------------------
+
+    def auth_version(self) -> int:
+        self._check_open()
+        return self._auth_version
+
+    def load_auth(self) -> tuple[int, list[UserRecord], list[AclRecord]]:
+        self._check_open()
+        users = [self._users[name] for name in sorted(self._users)]
+        return self._auth_version, users, list(self._rules.values())
+
+    def put_user(self, username: str, password_hash: str | None, admin: bool | None) -> tuple[int, bool]:
+        self._check_open()
+        check_user(username, password_hash, admin)
+        old = self._users.get(username)
+        if old is None:
+            if password_hash is None:
+                raise StoreRecordError(f"user {username!r} does not exist: creating it needs a password hash")
+            new = UserRecord(username, password_hash, bool(admin))
+        else:
+            new = UserRecord(
+                username,
+                old.password_hash if password_hash is None else password_hash,
+                old.admin if admin is None else admin,
+            )
+        self._users[username] = new
+        self._auth_version += 1
+        return self._auth_version, old is None
+
+    def delete_user(self, username: str) -> tuple[int, bool]:
+        self._check_open()
+        check_username(username)
+        existed = self._users.pop(username, None) is not None
+        doomed = [rule_id for rule_id, rule in self._rules.items() if rule.user == username]
+        for rule_id in doomed:
+            del self._rules[rule_id]
+        if existed or doomed:
+            self._auth_version += 1
+        return self._auth_version, existed
+
+    def add_acl(self, user: str, topic: str, access: str) -> tuple[int, int]:
+        self._check_open()
+        check_acl(user, topic, access)
+        self._last_rule_id += 1
+        self._rules[self._last_rule_id] = AclRecord(self._last_rule_id, user, topic, access)
+        self._auth_version += 1
+        return self._auth_version, self._last_rule_id
+
+    def delete_acl(self, rule_id: int) -> tuple[int, bool]:
+        self._check_open()
+        check_acl_id(rule_id)
+        existed = self._rules.pop(rule_id, None) is not None
+        if existed:
+            self._auth_version += 1
+        return self._auth_version, existed
 
     def _check_open(self) -> None:
         if not self._open:

@@ -8,8 +8,8 @@ Must not: be imported by anything but `store.backend` and tests (psycopg loads o
 PostgreSQL store is configured); put a password into a message or a log line; set a
 per-connection sequence cache (see the migration: it would break FIFO across pool connections).
 Connecting (the first connection, the pool, each connection's settings) and turning driver
-errors into store errors live in `store/postgres_connection.py`; this module is the schema
-and the SQL.
+errors into store errors live in `store/postgres_connection.py`; the SQL of users and ACL
+rules in `store/postgres_auth.py`; this module is the schema and the rest of the SQL.
 
 Invariants and decisions:
 - `open` first connects once without the pool, so that a wrong URL, bad credentials or a missing
@@ -48,6 +48,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from store import postgres_auth
 from store.errors import StoreConfigError, StoreError, StoreRecordError
 from store.migrate import load_migrations, pending_migrations
 from store.postgres_connection import (
@@ -61,6 +62,7 @@ from store.postgres_connection import (
 )
 from store.records import (
     Ack,
+    AclRecord,
     ClearRetained,
     DeleteSession,
     Enqueue,
@@ -71,12 +73,17 @@ from store.records import (
     SetRetained,
     SubscriptionRecord,
     UpsertSession,
+    UserRecord,
     WriteOp,
+    check_acl,
+    check_acl_id,
     check_ops,
+    check_user,
+    check_username,
 )
 from store.rows import session_from_row, subscription_from_row
 
-WRITE_WAIT_S = 0.5  # how long a batch waits for a pooled connection before "unavailable"
+WRITE_WAIT_S = 0.5  # how long a batch (or an auth read: polled) waits for a pooled connection
 
 __all__ = ["PostgresBackend"]
 
@@ -323,6 +330,36 @@ class PostgresBackend:
                 (now,),
             ).fetchall()
             return [RetainedRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    # --- users and ACL rules (SQL in store/postgres_auth.py) -----------------------------------------
+
+    def auth_version(self) -> int:
+        with self._connection("reading the auth version", WRITE_WAIT_S) as conn:
+            return postgres_auth.auth_version(conn)
+
+    def load_auth(self) -> tuple[int, list[UserRecord], list[AclRecord]]:
+        with self._connection("loading users and ACL rules", WRITE_WAIT_S) as conn, conn.transaction():
+            return postgres_auth.load_auth(conn)
+
+    def put_user(self, username: str, password_hash: str | None, admin: bool | None) -> tuple[int, bool]:
+        check_user(username, password_hash, admin)
+        with self._connection("writing a user", WRITE_WAIT_S) as conn, conn.transaction():
+            return postgres_auth.put_user(conn, username, password_hash, admin)
+
+    def delete_user(self, username: str) -> tuple[int, bool]:
+        check_username(username)
+        with self._connection("deleting a user", WRITE_WAIT_S) as conn, conn.transaction():
+            return postgres_auth.delete_user(conn, username)
+
+    def add_acl(self, user: str, topic: str, access: str) -> tuple[int, int]:
+        check_acl(user, topic, access)
+        with self._connection("adding an ACL rule", WRITE_WAIT_S) as conn, conn.transaction():
+            return postgres_auth.add_acl(conn, user, topic, access)
+
+    def delete_acl(self, rule_id: int) -> tuple[int, bool]:
+        check_acl_id(rule_id)
+        with self._connection("deleting an ACL rule", WRITE_WAIT_S) as conn, conn.transaction():
+            return postgres_auth.delete_acl(conn, rule_id)
 
     # --- plumbing -----------------------------------------------------------------------------------
 

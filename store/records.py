@@ -2,7 +2,8 @@
 
 Why: the store process, its backends and their contract tests speak in these frozen values, so
 that a backend is a translation of seven write ops and five reads into its own SQL (or dicts),
-and nothing dict-shaped crosses the module boundary.
+and nothing dict-shaped crosses the module boundary. Users and ACL rules (`broker/ACCESS.md`)
+are values here too, with the checks every backend runs before it changes them.
 
 Must not: import a database driver, the clock or anything of `broker` (imports run broker ->
 store). MQTT 5 properties are opaque bytes here (`props`: the broker packs them with msgpack):
@@ -18,6 +19,12 @@ Invariants:
   fit the PostgreSQL columns, finite times, and no NUL character in text (PostgreSQL cannot
   store one, and MQTT forbids it in topics and client ids [MQTT-1.5.4-2]). Every backend calls
   it on the whole batch before writing anything, so a bad record rejects the batch as a whole.
+- `check_user` / `check_acl` accept only what the broker can use: a username that is not empty,
+  at most 256 characters, free of control characters, neither `*` nor starting with `$` (those
+  name the rule targets `*` and `$anonymous`); a stored password hash in the format of
+  `store.passwords`; a rule topic that is a non-empty MQTT filter of at most 65535 bytes as far
+  as the store can tell without `broker` (`#` only as the whole last level, `+` only as a whole
+  level; the broker checks the full syntax before it sends one).
 """
 
 from __future__ import annotations
@@ -28,9 +35,14 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from store.errors import StoreRecordError
+from store.passwords import is_hash
 
 __all__ = [
+    "ACL_ACCESS",
+    "ANONYMOUS_USER",
+    "EVERY_USER",
     "Ack",
+    "AclRecord",
     "ClearRetained",
     "DeleteSession",
     "Enqueue",
@@ -41,15 +53,25 @@ __all__ = [
     "SetRetained",
     "SubscriptionRecord",
     "UpsertSession",
+    "UserRecord",
     "WillRecord",
     "WriteOp",
+    "check_acl",
+    "check_acl_id",
     "check_ops",
+    "check_user",
+    "check_username",
 ]
 
 MAX_U32: Final = 0xFFFF_FFFF
 MAX_I64: Final = 0x7FFF_FFFF_FFFF_FFFF
 MAX_SUBSCRIPTION_ID: Final = 268_435_455  # a Variable Byte Integer's largest value
 _MAX_EXACT_INT: Final = 2**53  # the largest int a float (and a float8 column) holds exactly
+ACL_ACCESS: Final = ("PUB", "SUB", "BOTH", "DENY")
+ANONYMOUS_USER: Final = "$anonymous"  # a rule for clients that connect without a username
+EVERY_USER: Final = "*"  # a rule for every client
+MAX_USERNAME_CHARS: Final = 256
+MAX_TOPIC_BYTES: Final = 65535  # what an MQTT string can hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +184,107 @@ class ClearRetained:
     topic: str
 
 
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user of the store; `password_hash` is a `store.passwords` hash, never a password."""
+
+    username: str
+    password_hash: str
+    admin: bool  # passes every ACL check and may use the admin HTTP API
+
+
+@dataclass(frozen=True, slots=True)
+class AclRecord:
+    """One ACL rule; rules are checked in `id` order (ids only grow)."""
+
+    id: int
+    user: str  # a username, ANONYMOUS_USER or EVERY_USER
+    topic: str  # an MQTT filter, possibly with %u / %c (substituted by the broker)
+    access: str  # one of ACL_ACCESS
+
+
 WriteOp: TypeAlias = UpsertSession | DeleteSession | SetOnline | Enqueue | Ack | SetRetained | ClearRetained
 
 
 # --- validation ---------------------------------------------------------------------------------
+
+
+def check_username(username: object) -> None:
+    """Raise `StoreRecordError` unless `username` can be the name of a stored user."""
+    problem = _username_problem("username", username)
+    if problem is not None:
+        raise StoreRecordError(problem)
+
+
+def check_user(username: object, password_hash: object, admin: object) -> None:
+    """Check a user change (`put_user`): None for the hash or the flag means "unchanged"."""
+    problem = _username_problem("username", username)
+    if problem is None and password_hash is not None:
+        if type(password_hash) is not str:
+            problem = f"password_hash must be str or None, not {type(password_hash).__name__}"
+        elif not is_hash(password_hash):
+            problem = "password_hash is not a stored password hash ($scrypt$ln=..,r=..,p=..$salt$hash)"
+    if problem is None and admin is not None and type(admin) is not bool:
+        problem = f"admin must be bool or None, not {type(admin).__name__}"
+    if problem is not None:
+        raise StoreRecordError(problem)
+
+
+def check_acl(user: object, topic: object, access: object) -> None:
+    """Raise `StoreRecordError` unless `(user, topic, access)` is a rule the store keeps."""
+    problem = None
+    if user not in (ANONYMOUS_USER, EVERY_USER):
+        problem = _username_problem("rule user", user)
+        if problem is not None:
+            problem += f" (or {ANONYMOUS_USER!r} / {EVERY_USER!r})"
+    problem = problem or _filter_problem(topic)
+    if problem is None and (type(access) is not str or access not in ACL_ACCESS):
+        problem = f"access must be one of {', '.join(ACL_ACCESS)}, not {access!r}"
+    if problem is not None:
+        raise StoreRecordError(problem)
+
+
+def check_acl_id(rule_id: object) -> None:
+    problem = _int_problem("rule id", rule_id, -MAX_I64 - 1, MAX_I64)
+    if problem is not None:
+        raise StoreRecordError(problem)
+
+
+def _username_problem(name: str, x: object) -> str | None:
+    if type(x) is not str:
+        return f"{name} must be str, not {type(x).__name__}"
+    if not x:
+        return f"{name} is empty"
+    if len(x) > MAX_USERNAME_CHARS:
+        return f"{name} is longer than {MAX_USERNAME_CHARS} characters"
+    if _has_bad_char(x):
+        return f"{name} {x[:40]!r} contains a control character"
+    if x == EVERY_USER or x.startswith("$"):
+        return f"{name} {x[:40]!r} is reserved ('*' and names starting with '$' name rule targets)"
+    return None
+
+
+def _filter_problem(x: object) -> str | None:
+    if type(x) is not str:
+        return f"topic must be str, not {type(x).__name__}"
+    if not x:
+        return "topic is empty"
+    if "\x00" in x or any("\ud800" <= c <= "\udfff" for c in x):  # [MQTT-1.5.4-1], [MQTT-1.5.4-2]
+        return "topic contains a NUL character or a lone surrogate"
+    if len(x.encode()) > MAX_TOPIC_BYTES:
+        return f"topic is longer than {MAX_TOPIC_BYTES} bytes"
+    levels = x.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"topic {x[:80]!r}: '#' must be the whole last level"
+        if "+" in level and level != "+":
+            return f"topic {x[:80]!r}: '+' must be a whole level"
+    return None
+
+
+def _has_bad_char(x: str) -> bool:
+    """C0 and C1 controls, DEL, and lone surrogates (not encodable, forbidden in MQTT strings)."""
+    return any(c < " " or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in x)
 
 
 def check_ops(ops: Sequence[WriteOp]) -> None:

@@ -4,7 +4,9 @@ Why: workers must not block on a database, and every write must be paid for in b
 send requests over the store plane of `mesh/PROTOCOL.md` (DEALER → this ROUTER); this process
 turns them into write operations for the group commit (`store/writer.py`), answers reads, and
 tells workers which persistent subscriptions exist (so that a publishing worker knows which
-messages need rows before it acknowledges them).
+messages need rows before it acknowledges them). Users and ACL rules are served by
+`store/auth_service.py` (requests `auth`, `uput`, `udel`, `aadd`, `adel`; the `authtable`
+broadcast on `\x00A`), which this loop calls.
 
 Must not: know MQTT matching (workers match; the store keeps what they send); reorder a
 worker's writes; answer "durable" before the commit.
@@ -31,6 +33,7 @@ from mesh import envelope as env
 from mesh.errors import EnvelopeError
 from mesh.sockets import STOP_SIGNAL, endpoint
 from store import wire
+from store.auth_service import AUTH_KINDS, AuthService
 from store.backend import Backend, open_backend
 from store.errors import StoreConfigError, StoreError, StoreUnavailable
 from store.records import (
@@ -99,6 +102,7 @@ class StoreService:
         self.subscriptions: dict[str, tuple[SubscriptionRecord, ...]] = {}
         self.known: dict[str, _Known] = {}
         self.crashed: list[SessionRecord] = []
+        self.auth = AuthService(backend, self._publish, cluster=settings.cluster)
         self.running = True
 
     # -- start ----------------------------------------------------------------------------------------
@@ -125,6 +129,7 @@ class StoreService:
         poller.register(self.pub, zmq.POLLIN)
         next_sweep = time.monotonic()  # at once: sessions may have expired while the node was down
         log.info("store up (pid %d, %s)", os.getpid(), self.backend.name)
+        self.auth.broadcast(time.monotonic())  # the backend is open: announce users and rules
         while self.running:
             now = time.monotonic()
             timeout_ms = 200
@@ -133,6 +138,9 @@ class StoreService:
                 timeout_ms = (
                     0 if self.writer.due(now) else min(max(int((self.writer.retry_at - now) * 1000), 1), 100)
                 )
+            auth_wait_s = self.auth.wait_s(now)
+            if auth_wait_s is not None:
+                timeout_ms = min(timeout_ms, int(auth_wait_s * 1000) + 1)
             ready = dict(poller.poll(timeout=timeout_ms))
             if self.pub in ready:
                 while self.pub.poll(0):
@@ -146,6 +154,7 @@ class StoreService:
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_S
                     self._sweep()
+                self.auth.tick(time.monotonic())
             except Exception:
                 log.exception("store: commit failed unexpectedly; the writes wait for the next try")
         self.writer.commit(time.monotonic(), time.monotonic)
@@ -181,8 +190,11 @@ class StoreService:
     def _reply(self, identity: bytes, kind: str, req_id: int, *body: object) -> None:
         try:
             self.router.send_multipart((identity, env.pack_control(kind, req_id, *body)), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.warning("cannot answer %r: %s", identity, exc)
+        except (zmq.ZMQError, EnvelopeError) as exc:
+            log.warning("cannot answer %r with %r: %s", identity, kind, exc)
+
+    def _publish(self, channel: bytes, frame: bytes) -> None:
+        self.pub.send_multipart((channel, frame))
 
     def _after_commit(self, identity: bytes, req_id: int, ok_kind: str) -> Callable[[bool], None]:
         def done(committed: bool) -> None:
@@ -199,7 +211,10 @@ class StoreService:
     def _on_request(self, identity: bytes, control: env.Control, now: float) -> None:
         kind, body, req = control.kind, control.body, control.req_id
         wall = time.time()
-        if kind == "enqueue":
+        if kind in AUTH_KINDS:
+            reply_kind, reply_body = self.auth.handle(kind, body, now)
+            self._reply(identity, reply_kind, req, *reply_body)
+        elif kind == "enqueue":
             rows_wire, may_refuse = body
             if not isinstance(rows_wire, tuple | list):
                 raise wire.WireError("enqueue: rows must be an array")

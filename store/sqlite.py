@@ -15,7 +15,10 @@ Invariants:
   is all or nothing and `fetch_queue`'s hide-and-return is atomic.
 - One lock serialises the calls, so a store process that calls from more than one thread
   gets whole transactions, never interleaved statements.
-- `seq` is the AUTOINCREMENT rowid: never reused, so FIFO by seq holds across deletes.
+- `seq` is the AUTOINCREMENT rowid: never reused, so FIFO by seq holds across deletes; so is
+  an ACL rule's id.
+- A change of users or rules bumps `auth_version` inside its `BEGIN IMMEDIATE` transaction
+  (which already excludes every other writer of the file).
 - Errors: a path that cannot be created or opened, or a file that is not a database, is
   `StoreConfigError`; "database is locked", disk full or I/O errors are `StoreUnavailable`.
 """
@@ -33,6 +36,7 @@ from store.errors import StoreConfigError, StoreError, StoreRecordError, StoreUn
 from store.migrate import load_migrations, pending_migrations
 from store.records import (
     Ack,
+    AclRecord,
     ClearRetained,
     DeleteSession,
     Enqueue,
@@ -43,8 +47,13 @@ from store.records import (
     SetRetained,
     SubscriptionRecord,
     UpsertSession,
+    UserRecord,
     WriteOp,
+    check_acl,
+    check_acl_id,
     check_ops,
+    check_user,
+    check_username,
 )
 from store.rows import session_from_row, subscription_from_row
 
@@ -276,6 +285,74 @@ class SqliteBackend:
             )
             return [RetainedRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
+    # --- users and ACL rules ------------------------------------------------------------------------
+
+    def auth_version(self) -> int:
+        with self._lock, self._errors("reading the auth version"):
+            return _auth_version(self._connection())
+
+    def load_auth(self) -> tuple[int, list[UserRecord], list[AclRecord]]:
+        # a read transaction: one snapshot of the three tables
+        with self._lock, self._transaction("loading users and ACL rules", "BEGIN DEFERRED") as conn:
+            version = _auth_version(conn)
+            users = [
+                UserRecord(r[0], r[1], bool(r[2]))
+                for r in conn.execute("SELECT username, password_hash, admin FROM users ORDER BY username")
+            ]
+            rules = [
+                AclRecord(r[0], r[1], r[2], r[3])
+                for r in conn.execute("SELECT id, username, topic, access FROM acl_rules ORDER BY id")
+            ]
+            return version, users, rules
+
+    def put_user(self, username: str, password_hash: str | None, admin: bool | None) -> tuple[int, bool]:
+        check_user(username, password_hash, admin)
+        with self._lock, self._transaction("writing a user") as conn:
+            found = conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
+            if found is None:
+                if password_hash is None:
+                    raise StoreRecordError(
+                        f"user {username!r} does not exist: creating it needs a password hash"
+                    )
+                conn.execute(
+                    "INSERT INTO users (username, password_hash, admin) VALUES (?, ?, ?)",
+                    (username, password_hash, bool(admin)),
+                )
+            else:
+                conn.execute(
+                    "UPDATE users SET password_hash = coalesce(?, password_hash), admin = coalesce(?, admin), "
+                    "updated_at = CURRENT_TIMESTAMP WHERE username = ?",
+                    (password_hash, admin, username),
+                )
+            return _bump_auth_version(conn), found is None
+
+    def delete_user(self, username: str) -> tuple[int, bool]:
+        check_username(username)
+        with self._lock, self._transaction("deleting a user") as conn:
+            existed = conn.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount > 0
+            rules = conn.execute("DELETE FROM acl_rules WHERE username = ?", (username,)).rowcount
+            if existed or rules:
+                return _bump_auth_version(conn), existed
+            return _auth_version(conn), False
+
+    def add_acl(self, user: str, topic: str, access: str) -> tuple[int, int]:
+        check_acl(user, topic, access)
+        with self._lock, self._transaction("adding an ACL rule") as conn:
+            cursor = conn.execute(
+                "INSERT INTO acl_rules (username, topic, access) VALUES (?, ?, ?)", (user, topic, access)
+            )
+            rule_id = cursor.lastrowid
+            if rule_id is None:
+                raise StoreError(f"SQLite store {self._path}: the new ACL rule has no id")
+            return _bump_auth_version(conn), rule_id
+
+    def delete_acl(self, rule_id: int) -> tuple[int, bool]:
+        check_acl_id(rule_id)
+        with self._lock, self._transaction("deleting an ACL rule") as conn:
+            if conn.execute("DELETE FROM acl_rules WHERE id = ?", (rule_id,)).rowcount > 0:
+                return _bump_auth_version(conn), True
+            return _auth_version(conn), False
+
     # --- plumbing -----------------------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
@@ -284,10 +361,10 @@ class SqliteBackend:
         return self._conn
 
     @contextmanager
-    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, doing: str, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Connection]:
         with self._errors(doing):
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(begin)
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -331,6 +408,19 @@ def _is_busy(e: sqlite3.Error) -> bool:
 def _version(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
     return int(row[0])
+
+
+def _auth_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT version FROM auth_version WHERE id = 1").fetchone()
+    return int(row[0])
+
+
+def _bump_auth_version(conn: sqlite3.Connection) -> int:
+    # fetchall: a RETURNING statement must run to its end before the COMMIT
+    rows = conn.execute(
+        "UPDATE auth_version SET version = version + 1 WHERE id = 1 RETURNING version"
+    ).fetchall()
+    return int(rows[0][0])
 
 
 def _upsert_session(conn: sqlite3.Connection, r: SessionRecord) -> None:

@@ -1,7 +1,7 @@
 """Store records as msgpack-friendly tuples, for the store plane of `mesh/PROTOCOL.md`.
 
-Why: workers and the store process exchange sessions, queued messages and retained messages over
-ZeroMQ; this module is the one place that fixes their tuple layout, on both sides (the broker
+Why: workers and the store process exchange sessions, queued messages, retained messages, users
+and ACL rules over ZeroMQ; this module is the one place that fixes their tuple layout, on both sides (the broker
 imports it to build requests, the store process to read them).
 
 Must not: do IO; know MQTT beyond the records' fields. Invariants: `x_from_wire(x_to_wire(r)) == r`
@@ -11,13 +11,24 @@ for every record kind; a malformed tuple raises `WireError` and nothing else.
 from __future__ import annotations
 
 from store.errors import StoreError
-from store.records import QueuedRecord, RetainedRecord, SessionRecord, SubscriptionRecord, WillRecord
+from store.records import (
+    AclRecord,
+    QueuedRecord,
+    RetainedRecord,
+    SessionRecord,
+    SubscriptionRecord,
+    UserRecord,
+    WillRecord,
+)
 
 SubscriptionTuple = tuple[str, str, int, bool, bool, int, int | None, str | None]
 WillTuple = tuple[str, bytes, int, bool, bytes | None, int]
 SessionTuple = tuple[str, int, tuple[SubscriptionTuple, ...], WillTuple | None, bool, str, int, float]
 QueuedTuple = tuple[str, int, int, bool, tuple[int, ...], str, bytes, bytes | None, str, float | None, int]
 RetainedTuple = tuple[str, bytes, int, bytes | None, str, float | None, float]
+UserTuple = tuple[str, str, bool]  # [username, password_hash, admin]
+AclTuple = tuple[int, str, str, str]  # [id, user, topic, access]
+AuthTable = tuple[int, tuple[UserRecord, ...], tuple[AclRecord, ...]]  # version, users, rules
 
 
 class WireError(StoreError):
@@ -203,3 +214,70 @@ def retained_from_wire(value: object) -> RetainedRecord:
         _opt_float(t[5], w),
         _float(t[6], w),
     )
+
+
+# --- users and ACL rules: the body of `authtable` and of the auth requests -----------------------
+
+
+def user_to_wire(r: UserRecord) -> UserTuple:
+    return (r.username, r.password_hash, r.admin)
+
+
+def acl_to_wire(r: AclRecord) -> AclTuple:
+    return (r.id, r.user, r.topic, r.access)
+
+
+def authtable_to_wire(
+    version: int,
+    users: list[UserRecord] | tuple[UserRecord, ...],
+    rules: list[AclRecord] | tuple[AclRecord, ...],
+) -> tuple[int, tuple[UserTuple, ...], tuple[AclTuple, ...]]:
+    """The body of `authtable`: `[version, users, rules]` (users by name, rules by id)."""
+    return (version, tuple(user_to_wire(u) for u in users), tuple(acl_to_wire(r) for r in rules))
+
+
+def user_from_wire(value: object) -> UserRecord:
+    t = _tuple(value, 3, "user")
+    return UserRecord(_str(t[0], "user"), _str(t[1], "user"), _bool(t[2], "user"))
+
+
+def acl_from_wire(value: object) -> AclRecord:
+    t = _tuple(value, 4, "ACL rule")
+    w = "ACL rule"
+    return AclRecord(_int(t[0], w), _str(t[1], w), _str(t[2], w), _str(t[3], w))
+
+
+def authtable_from_wire(body: tuple[object, ...]) -> AuthTable:
+    """The inverse of `authtable_to_wire` (a worker reads the `authtable` body with it)."""
+    t = _tuple(body, 3, "authtable")
+    return (
+        _int(t[0], "authtable version"),
+        tuple(user_from_wire(u) for u in _array(t[1], "authtable users")),
+        tuple(acl_from_wire(r) for r in _array(t[2], "authtable rules")),
+    )
+
+
+def user_change_from_wire(body: tuple[object, ...]) -> tuple[str, str | None, bool | None]:
+    """The body of `uput`: `[username, password_hash or nil, admin or nil]`."""
+    t = _tuple(body, 3, "uput")
+    return (
+        _str(t[0], "uput username"),
+        _opt_str(t[1], "uput password_hash"),
+        None if t[2] is None else _bool(t[2], "uput admin"),
+    )
+
+
+def acl_rule_from_wire(body: tuple[object, ...]) -> tuple[str, str, str]:
+    """The body of `aadd`: `[user, topic, access]`."""
+    t = _tuple(body, 3, "aadd")
+    return (_str(t[0], "aadd user"), _str(t[1], "aadd topic"), _str(t[2], "aadd access"))
+
+
+def username_from_wire(body: tuple[object, ...]) -> str:
+    """The body of `udel`: `[username]`."""
+    return _str(_tuple(body, 1, "udel")[0], "udel username")
+
+
+def rule_id_from_wire(body: tuple[object, ...]) -> int:
+    """The body of `adel`: `[id]`."""
+    return _int(_tuple(body, 1, "adel")[0], "adel id")

@@ -6,17 +6,15 @@ UpsertSession replacing subscriptions, DeleteSession cascading to subscriptions 
 SetOnline (and its no-op on a missing session), FIFO per subscriber across batches, Ack, the
 visibility timeout, message expiry in the queue, retained set / replace / clear / expiry,
 all-or-nothing batches, reopening (SQL backends), and the schema version after migrations.
-PostgreSQL runs on a throwaway server (`tests/pg.py`), one fresh database per test.
+PostgreSQL runs on a throwaway server (`tests/pg.py`), one fresh database per test; the
+fixtures are in `tests/unit/store/backends.py`. Users and ACL rules: `test_contract_auth.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
 import pytest
 
-from store.backend import Backend, open_backend
+from store.backend import Backend
 from store.errors import StoreError, StoreRecordError
 from store.migrate import load_migrations
 from store.records import (
@@ -34,45 +32,7 @@ from store.records import (
     WillRecord,
     WriteOp,
 )
-from tests.pg import PgDatabase
-
-BackendFactory = Callable[[], Backend]
-
-KINDS = [
-    pytest.param("memory"),
-    pytest.param("sqlite"),
-    pytest.param("postgres", marks=pytest.mark.postgres),
-]
-
-
-@pytest.fixture(params=KINDS)
-def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
-    """Builds unopened backends over one and the same storage (a second node, a reopen)."""
-    kind: str = request.param
-    made: list[Backend] = []
-    memory = open_backend("MEMORY")
-
-    def make() -> Backend:
-        if kind == "memory":
-            backend = memory
-        elif kind == "sqlite":
-            backend = open_backend("SQLITE", sqlite_path=str(tmp_path / "data" / "store.db"))
-        else:
-            db: PgDatabase = request.getfixturevalue("pg_db")
-            backend = open_backend("POSTGRES", postgres_url=db.url, pool_size=2)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
-
-
-@pytest.fixture
-def backend(make_backend: BackendFactory) -> Backend:
-    b = make_backend()
-    b.open()
-    return b
+from tests.unit.store.backends import BackendFactory
 
 
 def sub(key: str, qos: int = 1, *, sub_id: int | None = None, group: str | None = None) -> SubscriptionRecord:

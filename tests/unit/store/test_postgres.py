@@ -131,7 +131,7 @@ def test_tables_live_in_the_configured_schema(pg_db: PgDatabase) -> None:
             "WHERE table_schema IN ('tenant_a', 'Tenant B') GROUP BY 1 ORDER BY 1"
         ).fetchall()
         versions = conn.execute("SELECT version, name FROM tenant_a.schema_version").fetchall()
-    assert tables == [("Tenant B", 5), ("tenant_a", 5)]
+    assert tables == [("Tenant B", 8), ("tenant_a", 8)]  # 001: 4 + schema_version, 002: 3
     assert versions == [(m.version, m.name) for m in load_migrations("postgres")]
     a.close()
     b.close()

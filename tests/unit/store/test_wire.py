@@ -3,7 +3,8 @@
 What is pinned: `x_from_wire(x_to_wire(r)) == r` for every record kind, also after the tuple went
 through msgpack (arrays come back as lists or tuples, floats that are whole stay floats); and
 whatever malformed value arrives — wrong arity, wrong types, anything msgpack can carry, in any
-field — the `*_from_wire` functions return a record or raise `WireError`, nothing else.
+field — the `*_from_wire` functions return a record or raise `WireError`, nothing else. The
+`authtable` body and the bodies of the auth requests round-trip and refuse malformed values too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from hypothesis import strategies as st
 
 from store import wire
 from store.errors import StoreError
-from store.records import QueuedRecord, RetainedRecord, SessionRecord, SubscriptionRecord, WillRecord
+from store.records import (
+    AclRecord,
+    QueuedRecord,
+    RetainedRecord,
+    SessionRecord,
+    SubscriptionRecord,
+    UserRecord,
+    WillRecord,
+)
 from store.wire import WireError
 
 pytestmark = pytest.mark.timeout(60)
@@ -182,3 +191,61 @@ def test_random_msgpack_bytes_give_a_record_or_wire_error(data: bytes, name: str
 def test_an_int_too_large_for_a_float_is_a_wire_error() -> None:
     with pytest.raises(WireError):
         wire.retained_from_wire(("t", b"v", 1, None, "", None, 10**400))
+
+
+# --- users and ACL rules (`authtable` and the auth requests) ---------------------------------------
+
+USERS = (
+    UserRecord("alice", "$scrypt$ln=10,r=8,p=1$c2FsdA$aGFzaA", True),
+    UserRecord("bob", "$scrypt$x", False),
+)
+RULES = (AclRecord(1, "alice", "a/#", "PUB"), AclRecord(9, "*", "%u/+", "DENY"))
+
+
+def test_authtable_round_trip_through_msgpack() -> None:
+    body = wire.authtable_to_wire(7, list(USERS), list(RULES))
+    assert body == (
+        7,
+        (("alice", USERS[0].password_hash, True), ("bob", "$scrypt$x", False)),
+        (
+            (1, "alice", "a/#", "PUB"),
+            (9, "*", "%u/+", "DENY"),
+        ),
+    )
+    again = tuple(msgpack.unpackb(msgpack.packb(body)))
+    assert wire.authtable_from_wire(again) == (7, USERS, RULES)
+    assert wire.authtable_from_wire((0, (), ())) == (0, (), ())
+
+
+def test_auth_request_bodies() -> None:
+    assert wire.user_change_from_wire(("alice", None, None)) == ("alice", None, None)
+    assert wire.user_change_from_wire(("alice", "$h", False)) == ("alice", "$h", False)
+    assert wire.acl_rule_from_wire(("*", "#", "SUB")) == ("*", "#", "SUB")
+    assert wire.username_from_wire(("alice",)) == "alice"
+    assert wire.rule_id_from_wire((3,)) == 3
+
+
+@pytest.mark.parametrize(
+    ("parse", "body"),
+    [
+        (wire.authtable_from_wire, (1, (), ())[:2]),
+        (wire.authtable_from_wire, ("1", (), ())),
+        (wire.authtable_from_wire, (1, (("a", "h"),), ())),
+        (wire.authtable_from_wire, (1, (), ((1, "a", "t", 5),))),
+        (wire.authtable_from_wire, (1, (), ((True, "a", "t", "PUB"),))),
+        (wire.authtable_from_wire, (1, "users", ())),
+        (wire.user_change_from_wire, ("alice", None)),
+        (wire.user_change_from_wire, ("alice", b"hash", None)),
+        (wire.user_change_from_wire, ("alice", None, 1)),
+        (wire.acl_rule_from_wire, ("alice", "t", None)),
+        (wire.username_from_wire, (5,)),
+        (wire.username_from_wire, ("a", "b")),
+        (wire.rule_id_from_wire, ("1",)),
+        (wire.rule_id_from_wire, (1.0,)),
+    ],
+)
+def test_malformed_auth_bodies_raise_wire_error(
+    parse: Callable[[tuple[object, ...]], object], body: tuple[object, ...]
+) -> None:
+    with pytest.raises(WireError):
+        parse(body)

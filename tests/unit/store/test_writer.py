@@ -17,11 +17,13 @@ import pytest
 from store.errors import StoreRecordError, StoreUnavailable
 from store.records import (
     Ack,
+    AclRecord,
     ClearRetained,
     DeleteSession,
     QueuedRecord,
     RetainedRecord,
     SessionRecord,
+    UserRecord,
     WriteOp,
 )
 from store.writer import GroupCommit
@@ -74,6 +76,24 @@ class FakeBackend:
         raise AssertionError("not used by the writer")
 
     def schema_version(self) -> int:
+        raise AssertionError("not used by the writer")
+
+    def auth_version(self) -> int:
+        raise AssertionError("not used by the writer")
+
+    def load_auth(self) -> tuple[int, list[UserRecord], list[AclRecord]]:
+        raise AssertionError("not used by the writer")
+
+    def put_user(self, username: str, password_hash: str | None, admin: bool | None) -> tuple[int, bool]:
+        raise AssertionError("not used by the writer")
+
+    def delete_user(self, username: str) -> tuple[int, bool]:
+        raise AssertionError("not used by the writer")
+
+    def add_acl(self, user: str, topic: str, access: str) -> tuple[int, int]:
+        raise AssertionError("not used by the writer")
+
+    def delete_acl(self, rule_id: int) -> tuple[int, bool]:
         raise AssertionError("not used by the writer")
 
     @property
