@@ -248,6 +248,13 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "sstats": 0,  # relay -> store []: the writer's figures, for /metrics and /health
         "sstate": 1,  # store -> relay [{transactions, ops, last_batch_ops, ...}]
         "rstate": 1,  # [retained, ...]
+        "auth": 0,  # [] -> `authtable`
+        "authtable": 3,  # [version, users, rules]: also broadcast on store.pub (channel \x00A)
+        "uput": 3,  # [username, password_hash | nil, admin | nil] -> `done [version, created]`
+        "udel": 1,  # [username] -> `done [version, existed]`
+        "aadd": 3,  # [user, topic, access] -> `done [version, id]`
+        "adel": 1,  # [id] -> `done [version, existed]`
+        "done": 2,  # [version, value]: an auth change is committed
         # barriers (worker code in broker/meshlink.py; PROTOCOL.md rows still to be written)
         "sync": 1,  # worker -> relay [token]: reply `synced` once every other worker sent `seen`
         "seen": 2,  # worker -> relay [token, index]
@@ -258,12 +265,12 @@ CONTROL_KINDS: Final[Mapping[str, int]] = MappingProxyType(
         "released": 2,  # worker -> relay [client_id, epoch]: a release to the store is committed
         "deadnode": 1,  # relay -> workers [node]: forget the node's shared members
         "reassert": 0,  # relay -> worker []: a node that recovered our sessions is back: mark ours online
-        "resync": 0,
-        "rescan": 0,
+        "resync": 0,  # relay -> worker []: the relay restarted: send your routes again
+        "rescan": 0,  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows
         "register": 2,  # worker -> relay [client_id, epoch]: a single worker's own claim (no answer)
         "stats": 3,  # worker -> relay [index, counters, gauges]: every heartbeat, for /metrics
-        "minority": 2,
-        "minorityops": 3,  # relay -> workers [minority, allow_publish, allow_subscribe] (AllowConnect)  # relay -> workers [minority, server_reference]: split-brain protection  # relay -> worker []: a node died or its stream broke: online sessions re-read their rows  # relay -> worker []: the relay restarted: send your routes again
+        "minority": 2,  # relay -> workers [minority, server_reference]: split-brain protection
+        "minorityops": 3,  # relay -> workers [minority, allow_publish, allow_subscribe] (AllowConnect)
     }
 )
 

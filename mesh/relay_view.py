@@ -1,5 +1,7 @@
 """What the relay shows on the node's HTTP port: health, metrics, members, routes, sessions.
 
+(Users and ACL rules, asked from the store: `mesh/relay_users.py`, a base of `RelayView`.)
+
 Why: the relay holds the node's view of itself and of the cluster (membership, routes, the
 client registry, retained messages) and hears every worker's counters once a second (`stats`),
 so it answers `mesh/http.py`'s `NodeView`. The HTTP server runs in its own thread: every answer
@@ -30,6 +32,7 @@ import zmq
 from mesh import envelope as env
 from mesh.errors import EnvelopeError
 from mesh.peers import State
+from mesh.relay_users import RelayUsers
 from mesh.routes import RouteTable
 from mesh.sockets import endpoint
 
@@ -41,8 +44,8 @@ if TYPE_CHECKING:
 STATS_STALE_S = 5.0  # a worker report older than this is left out of /metrics
 
 
-class RelayView:
-    """Mixed into `Relay` (NodeView of mesh/http.py)."""
+class RelayView(RelayUsers):
+    """Mixed into `Relay` (NodeView of mesh/http.py; users and ACL rules: mesh/relay_users.py)."""
 
     settings: RelaySettings
     state: RelayState
@@ -263,7 +266,22 @@ class RelayView:
         workers = stats["workers"]
         assert isinstance(workers, dict)
         names = sorted({k for w in workers.values() for k in w})
+        # The workers' `limit_<name>` counters (broker/limits.py) are one family, by limit.
+        limits = [k for k in names if k.startswith(_LIMIT_PREFIX)]
+        if limits:
+            metric(
+                "limit_refusals_total",
+                "counter",
+                "requests refused by a Limits setting",
+                [
+                    ({"node": node, "worker": w, "limit": k[len(_LIMIT_PREFIX) :]}, values.get(k, 0))
+                    for k in limits
+                    for w, values in workers.items()
+                ],
+            )
         for key in names:
+            if key.startswith(_LIMIT_PREFIX):
+                continue
             gauge = key in _GAUGES
             metric(
                 key if gauge else f"{key}_total",
@@ -374,6 +392,8 @@ class RelayView:
         self.requests.put(("drain", node, done, result))
         return done.wait(2.0) and bool(result)
 
+
+_LIMIT_PREFIX = "limit_"
 
 _GAUGES = frozenset(
     {

@@ -1,25 +1,27 @@
 """meshctl's HTTP client: one call to a node's HTTP API, and its JSON read into typed records.
 
-Why: every meshctl command but `keygen` and `tap` is one request to a node's HTTP port
-(`mesh/PROTOCOL.md`, "The HTTP API of a node"). This module owns the request (address, token,
-timeout), turns every way it can fail into one `MeshctlError` whose text an operator can act on,
+Why: every meshctl command but `keygen` and `tap` is one request (or two) to a node's HTTP port
+(`mesh/PROTOCOL.md`, "The HTTP API of a node"). This module owns the request (address, admin
+credentials: the token as Bearer or an admin user's name and password as Basic, timeout, JSON
+body), turns every way it can fail into one `MeshctlError` whose text an operator can act on,
 and reads the answers into frozen records, so that rendering never guesses at JSON shapes.
 
 Must not: print (the command layer does); follow redirects or retry (an operator's command runs
-once, against the node named); send the token anywhere but in the `Authorization` header of a
-request to the node named; let an `OSError`, `http.client` or JSON error escape as anything but
-`MeshctlError`.
+once, against the node named); send the token or the password anywhere but in the
+`Authorization` header of a request to the node named, or put either into an error text; let an
+`OSError`, `http.client` or JSON error escape as anything but `MeshctlError`.
 
 Invariants:
 - `MeshctlError` renders as `<what> (<url>)`, the url always being the one asked.
 - A `Reply` holds the decoded JSON of a status the caller accepted; any other status is a
-  `MeshctlError` (401/403 say whether the token was missing or wrong).
+  `MeshctlError` (401/403 say which credentials were missing, wrong or refused).
 - The parse functions accept extra keys (the node may say more than the spec) and refuse a
   missing or mistyped key the spec names, with a `MeshctlError` that names it.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -31,6 +33,8 @@ from urllib.parse import quote, urlencode
 __all__ = [
     "DEFAULT_HTTP_PORT",
     "HEALTH_ORDER",
+    "AclAdded",
+    "AclRule",
     "Counters",
     "Health",
     "Json",
@@ -45,6 +49,10 @@ __all__ = [
     "Scalar",
     "SessionEntry",
     "Stats",
+    "User",
+    "UserChange",
+    "parse_acl",
+    "parse_acl_added",
     "parse_address",
     "parse_health",
     "parse_members",
@@ -53,6 +61,8 @@ __all__ = [
     "parse_routes",
     "parse_sessions",
     "parse_stats",
+    "parse_user_change",
+    "parse_users",
 ]
 
 DEFAULT_HTTP_PORT: Final = 8080
@@ -106,12 +116,26 @@ class Reply:
 
 
 class NodeClient:
-    """Requests to one node's HTTP API; see the module docstring."""
+    """Requests to one node's HTTP API; see the module docstring.
 
-    def __init__(self, host: str, port: int, *, token: str | None, timeout_s: float) -> None:
+    Credentials: `token` (Bearer) or `user` and `password` (Basic of an admin user); the token
+    wins when both are given (the command layer makes sure they are not)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str | None,
+        timeout_s: float,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.token = token or None
+        self.user = user or None
+        self.password = password or ""
         self.timeout_s = timeout_s
 
     def url(self, path: str, query: Mapping[str, str] | None = None) -> str:
@@ -130,20 +154,47 @@ class NodeClient:
         return self.call("GET", path, query, accept)
 
     def post(
-        self, path: str, query: Mapping[str, str] | None = None, accept: Collection[int] = (200,)
+        self,
+        path: str,
+        query: Mapping[str, str] | None = None,
+        accept: Collection[int] = (200,),
+        body: Json = None,
     ) -> Reply:
-        return self.call("POST", path, query, accept)
+        return self.call("POST", path, query, accept, body)
 
-    def call(self, method: str, path: str, query: Mapping[str, str] | None, accept: Collection[int]) -> Reply:
+    def delete(self, path: str, accept: Collection[int] = (200,)) -> Reply:
+        return self.call("DELETE", path, None, accept)
+
+    def _authorization(self) -> str | None:
+        if self.token is not None:
+            return f"Bearer {self.token}"
+        if self.user is not None:
+            pair = f"{self.user}:{self.password}".encode()
+            return "Basic " + base64.b64encode(pair).decode("ascii")
+        return None
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        accept: Collection[int],
+        body: Json = None,
+    ) -> Reply:
         url = self.url(path, query)
         headers = {"Accept": "application/json", "User-Agent": "meshctl"}
-        if self.token is not None:
-            headers["Authorization"] = f"Bearer {self.token}"
+        authorization = self._authorization()
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         try:
-            conn.request(method, self._target(path, query), headers=headers)
+            conn.request(method, self._target(path, query), body=data, headers=headers)
             response = conn.getresponse()
-            data = response.read(_MAX_BODY_BYTES + 1)
+            raw = response.read(_MAX_BODY_BYTES + 1)
             status, reason = response.status, response.reason
         except ConnectionRefusedError:
             raise MeshctlError("connection refused: is the node's Http.Port right?", url) from None
@@ -157,21 +208,26 @@ class NodeClient:
             raise MeshctlError(f"cannot reach the node: {e.strerror or e}", url) from None
         finally:
             conn.close()
-        if len(data) > _MAX_BODY_BYTES:
+        if len(raw) > _MAX_BODY_BYTES:
             raise MeshctlError(f"the answer is larger than {_MAX_BODY_BYTES} bytes", url)
         if status not in accept:
-            raise MeshctlError(self._refusal(status, reason, data), url)
-        return Reply(status, _decode(data, url), url)
+            raise MeshctlError(self._refusal(status, reason, raw), url)
+        return Reply(status, _decode(raw, url), url)
 
     def _refusal(self, status: int, reason: str, data: bytes) -> str:
         detail = _detail(data)
         said = f" (the node says: {detail})" if detail else ""
-        if status in (401, 403) and self.token is None:
-            return f"the admin token is missing: pass --token or set MESHMQ_TOKEN{said}"
-        if status == 401:
+        if status in (401, 403) and self.token is None and self.user is None:
+            return (
+                "admin credentials are missing: pass --token or set MESHMQ_TOKEN, "
+                f"or --user/--password of an admin user{said}"
+            )
+        if status == 401 and self.token is not None:
             return f"the admin token is wrong{said}"
+        if status == 401:
+            return f"user {self.user!r} is not an admin user, or the password is wrong{said}"
         if status == 403:
-            return f"the node refuses the admin token{said}"
+            return f"the node refuses admin requests{said}"
         return f"HTTP {status} {reason}" + (f": {detail}" if detail else "")
 
 
@@ -457,5 +513,91 @@ def parse_ping(reply: Reply) -> Ping:
         if rtt_ms is None:
             raise _Shape("the ping answer: 'rttMs' is missing")
         return Ping(_str(obj, "node", "the ping answer"), rtt_ms)
+    except _Shape as e:
+        raise _shape_error(reply, e) from None
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    username: str
+    admin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserChange:
+    """`POST /api/users`: the user, whether it was created (else changed), the auth version."""
+
+    username: str
+    created: bool
+    version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    rule_id: int
+    user: str
+    topic: str
+    access: str
+
+
+@dataclass(frozen=True, slots=True)
+class AclAdded:
+    rule_id: int
+    version: int | None
+
+
+def _bool(obj: dict[str, Json], key: str, what: str) -> bool:
+    value = obj.get(key)
+    if not isinstance(value, bool):
+        raise _Shape(f"{what}: {key!r} is missing or not true/false")
+    return value
+
+
+def parse_users(reply: Reply) -> tuple[User, ...]:
+    try:
+        out = []
+        for i, item in enumerate(_list(reply.body, "the users answer")):
+            what = f"user {i + 1}"
+            obj = _object(item, what)
+            out.append(User(_str(obj, "username", what), _bool(obj, "admin", what)))
+        return tuple(out)
+    except _Shape as e:
+        raise _shape_error(reply, e) from None
+
+
+def parse_user_change(reply: Reply) -> UserChange:
+    try:
+        obj = _object(reply.body, "the user answer")
+        what = "the user answer"
+        return UserChange(
+            _str(obj, "username", what), _bool(obj, "created", what), _opt_int(obj, "version", what)
+        )
+    except _Shape as e:
+        raise _shape_error(reply, e) from None
+
+
+def parse_acl(reply: Reply) -> tuple[AclRule, ...]:
+    try:
+        out = []
+        for i, item in enumerate(_list(reply.body, "the ACL answer")):
+            what = f"rule {i + 1}"
+            obj = _object(item, what)
+            out.append(
+                AclRule(
+                    _int(obj, "id", what),
+                    _str(obj, "user", what),
+                    _str(obj, "topic", what),
+                    _str(obj, "access", what),
+                )
+            )
+        return tuple(out)
+    except _Shape as e:
+        raise _shape_error(reply, e) from None
+
+
+def parse_acl_added(reply: Reply) -> AclAdded:
+    try:
+        obj = _object(reply.body, "the rule answer")
+        return AclAdded(_int(obj, "id", "the rule answer"), _opt_int(obj, "version", "the rule answer"))
     except _Shape as e:
         raise _shape_error(reply, e) from None

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from tools.meshctl_client import (
+    AclRule,
     Counters,
     Health,
     Json,
@@ -29,12 +30,14 @@ from tools.meshctl_client import (
     Scalar,
     SessionEntry,
     Stats,
+    User,
 )
 
 __all__ = [
     "PREVIEW_CHARS",
     "format_value",
     "preview",
+    "render_acl",
     "render_health",
     "render_members",
     "render_ping",
@@ -42,6 +45,7 @@ __all__ = [
     "render_routes",
     "render_sessions",
     "render_stats",
+    "render_users",
     "table",
 ]
 
@@ -172,6 +176,17 @@ def render_stats(stats: Stats) -> str:
 
 def render_ping(ping: Ping) -> str:
     return f"{ping.node}: rtt {ping.rtt_ms:.3f} ms\n"
+
+
+def render_users(users: Sequence[User]) -> str:
+    return table(("USERNAME", "ADMIN"), [(u.username, "yes" if u.admin else "no") for u in users])
+
+
+def render_acl(rules: Sequence[AclRule]) -> str:
+    """Rules in the order the node gave (the order in which they are checked)."""
+    return table(
+        ("ID", "USER", "TOPIC", "ACCESS"), [(str(r.rule_id), r.user, r.topic, r.access) for r in rules]
+    )
 
 
 def preview(payload: bytes, limit: int = PREVIEW_CHARS) -> str:

@@ -381,6 +381,13 @@ def test_control_kinds_table() -> None:
         "sstats": 0,
         "sstate": 1,
         "rstate": 1,
+        "auth": 0,
+        "authtable": 3,
+        "uput": 3,
+        "udel": 1,
+        "aadd": 3,
+        "adel": 1,
+        "done": 2,
     }
     with pytest.raises(TypeError):
         CONTROL_KINDS["new"] = 1  # type: ignore[index]

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh.http import JSON, PROMETHEUS, HttpApi
+from mesh.http import JSON, PROMETHEUS, ApiError, HttpApi
+from store.passwords import hash_password
 
 TOKEN = "s3cret-token"
 TIMEOUT_S = 5.0
@@ -35,7 +36,14 @@ class FakeView:
     ping_rtt_ms: float | None = 1.23456
     drain_ok: bool = True
     fail: str = ""  # the name of a method that raises
+    store_down: bool = False  # the users and ACL methods raise ApiError 503
     calls: list[tuple[str, object]] = field(default_factory=list)
+    accounts: dict[str, tuple[str, bool]] = field(default_factory=dict)  # name -> (hash, admin)
+    rules: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (user, topic, access)
+    version: int = 1
+
+    def add_account(self, name: str, password: str, admin: bool) -> None:
+        self.accounts[name] = (hash_password(password, log2_n=10), admin)  # cheap hashes in tests
 
     def _called(self, name: str, arg: object = None) -> None:
         self.calls.append((name, arg))
@@ -79,6 +87,55 @@ class FakeView:
         self._called("drain", node)
         return self.drain_ok
 
+    # users and ACL rules (a store in a dict)
+
+    def _store(self, name: str, arg: object = None) -> None:
+        self._called(name, arg)
+        if self.store_down:
+            raise ApiError(503, "the store did not answer within 2 s")
+
+    def users(self) -> list[dict[str, object]]:
+        self._store("users")
+        return [{"username": n, "admin": a} for n, (_h, a) in sorted(self.accounts.items())]
+
+    def put_user(self, username: str, password: str | None, admin: bool | None) -> tuple[int, bool]:
+        self._store("put_user", (username, password, admin))
+        old = self.accounts.get(username)
+        if old is None and password is None:
+            raise ApiError(400, "a new user needs a password")
+        stored = hash_password(password, log2_n=10) if password is not None else old[0]  # type: ignore[index]
+        self.accounts[username] = (stored, admin if admin is not None else (old is not None and old[1]))
+        self.version += 1
+        return self.version, old is None
+
+    def delete_user(self, username: str) -> bool:
+        self._store("delete_user", username)
+        return self.accounts.pop(username, None) is not None
+
+    def acl(self) -> list[dict[str, object]]:
+        self._store("acl")
+        return [{"id": i, "user": u, "topic": t, "access": a} for i, (u, t, a) in sorted(self.rules.items())]
+
+    def add_acl(self, user: str, topic: str, access: str) -> tuple[int, int]:
+        self._store("add_acl", (user, topic, access))
+        rule_id = max(self.rules, default=0) + 1
+        self.rules[rule_id] = (user, topic, access)
+        self.version += 1
+        return self.version, rule_id
+
+    def delete_acl(self, rule_id: int) -> bool:
+        self._store("delete_acl", rule_id)
+        return self.rules.pop(rule_id, None) is not None
+
+    def admin_hash(self, username: str) -> str | None:
+        self._store("admin_hash", username)
+        stored, admin = self.accounts.get(username, ("", False))
+        return stored if admin else None
+
+    def has_admin(self) -> bool:
+        self._store("has_admin")
+        return any(admin for _h, admin in self.accounts.values())
+
 
 @dataclass
 class Reply:
@@ -97,8 +154,17 @@ class Client:
     def __init__(self, port: int) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
 
-    def request(self, method: str, path: str, token: str | None = None, body: bytes | None = None) -> Reply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        body: bytes | None = None,
+        authorization: str | None = None,
+    ) -> Reply:
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
         self.conn.request(method, path, body=body, headers=headers)
         resp = self.conn.getresponse()
         data = resp.read()
@@ -276,7 +342,7 @@ def test_writes_are_403_when_no_token_is_configured(tokenless: Server, path: str
         reply = tokenless.client.request("POST", path, token=token)
         assert reply.status == 403
         assert "AdminToken" in str(reply.json())
-    assert tokenless.view.calls == []
+    assert {name for name, _ in tokenless.view.calls} == {"has_admin"}  # nothing else was asked
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)
@@ -284,7 +350,10 @@ def test_writes_are_403_when_no_token_is_configured(tokenless: Server, path: str
 def test_writes_are_401_with_a_missing_or_wrong_token(server: Server, path: str, token: str | None) -> None:
     reply = server.client.request("POST", path, token=token)
     assert reply.status == 401
-    assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+    assert reply.headers.get_all("WWW-Authenticate") == [
+        'Bearer realm="meshmq"',
+        'Basic realm="meshmq", charset="UTF-8"',
+    ]
     assert server.view.calls == []
 
 

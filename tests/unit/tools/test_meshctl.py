@@ -73,6 +73,8 @@ class Seen:
     path: str
     query: dict[str, str]
     authorization: str | None
+    body: bytes = b""
+    content_type: str | None = None
 
 
 @dataclass
@@ -101,7 +103,9 @@ def node() -> Iterator[FakeNode]:
         def _reply(self, method: str) -> None:
             url = urlsplit(self.path)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
-            fake.seen.append(Seen(method, url.path, query, self.headers.get("Authorization")))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            authorization, content_type = self.headers.get("Authorization"), self.headers.get("Content-Type")
+            fake.seen.append(Seen(method, url.path, query, authorization, body, content_type))
             status, data = fake.answers.get((method, url.path), (404, b'{"error": "no such path"}'))
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -114,6 +118,9 @@ def node() -> Iterator[FakeNode]:
 
         def do_POST(self) -> None:
             self._reply("POST")
+
+        def do_DELETE(self) -> None:
+            self._reply("DELETE")
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -134,7 +141,8 @@ Run = Callable[..., tuple[int, str, str]]
 @pytest.fixture
 def run(node: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
     """run("members", ...) → (exit code, stdout, stderr), against the fake node."""
-    monkeypatch.delenv("MESHMQ_TOKEN", raising=False)
+    for name in ("MESHMQ_TOKEN", "MESHMQ_USER", "MESHMQ_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MESHMQ_NODE", node.address)
 
     def go(*argv: str) -> tuple[int, str, str]:
@@ -259,14 +267,14 @@ def test_missing_wrong_and_refused_tokens(node: FakeNode, run: Run) -> None:
     url = f"http://{node.address}/api/drain?node=n3"
     assert (code, out) == (1, "")
     assert err == (
-        "meshctl: the admin token is missing: pass --token or set MESHMQ_TOKEN "
-        f"(the node says: missing or wrong admin token) ({url})\n"
+        "meshctl: admin credentials are missing: pass --token or set MESHMQ_TOKEN, or --user/--password "
+        f"of an admin user (the node says: missing or wrong admin token) ({url})\n"
     )
     assert node.seen[-1].authorization is None
     assert run("drain", "n3", "--token", "nope")[2].startswith("meshctl: the admin token is wrong")
     node.answer("POST", "/api/drain", {"error": "write endpoints are off: set Http.AdminToken"}, status=403)
     err = run("--token", "x", "drain", "n3")[2]
-    assert err.startswith("meshctl: the node refuses the admin token (the node says: write endpoints are off")
+    assert err.startswith("meshctl: the node refuses admin requests (the node says: write endpoints are off")
 
 
 def test_http_errors_are_one_line_with_the_url(node: FakeNode, run: Run) -> None:
