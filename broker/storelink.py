@@ -475,21 +475,19 @@ class StoreLink:
         if core is None:
             return
         try:
-            version, users, rules = body
-            if not (isinstance(version, int) and isinstance(users, tuple) and isinstance(rules, tuple)):
-                raise TypeError(f"authtable of types {type(version)}, {type(users)}, {type(rules)}")
-            if version < core.auth_table.version:
-                return  # an older snapshot than a broadcast already applied
-            table = table_from_wire(
-                version,
-                ((str(u), str(h), bool(a)) for u, h, a in users),
-                ((int(i), str(u), str(t), str(a)) for i, u, t, a in rules),
-                core.config_rules,
-                core.auth_table.no_match_allow,
-            )
-        except (ValueError, TypeError) as exc:
+            version, users, rules = wire.authtable_from_wire(body)
+        except wire.WireError as exc:
             log.warning("store: bad users/rules table dropped: %s", exc)
             return
+        if version < core.auth_table.version:
+            return  # an older snapshot than a broadcast already applied
+        table = table_from_wire(
+            version,
+            ((u.username, u.password_hash, u.admin) for u in users),
+            ((r.id, r.user, r.topic, r.access) for r in rules),
+            core.config_rules,
+            core.auth_table.no_match_allow,
+        )
         apply_auth_table(core, table)
 
 
