@@ -35,7 +35,10 @@ Invariants:
 The broker processes themselves (ports, command lines, process groups, the RSS guard) are
 `tools/bench_brokers.py`'s; the names tests and callers know are re-exported from here.
 The `cluster` group (issue 5: three nodes on 127.0.0.2-4 and their own database) is
-`tools/loadgen/cluster.py`'s; this module only selects, prints and files it.
+`tools/loadgen/cluster.py`'s; this module only selects, prints and files it. So is the `tls`
+group (issue 7: fan-in and latency over plain TCP and over TLS against MeshMQ and Mosquitto,
+each with a TLS listener, and the TLS cost per message), `tools/loadgen/tls.py`'s; its window is
+`--tls-seconds` (shorter than `--seconds` by default, to keep its eight runs near a minute).
 """
 
 from __future__ import annotations
@@ -52,17 +55,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # The broker processes are bench_brokers'; `tools.bench.<name>` keeps working for each of them.
-from tools.bench_brokers import HOST, Broker, BrokerSpec, RssGuard
+from tools.bench_brokers import HOST as HOST
 from tools.bench_brokers import LISTEN_TIMEOUT_S as LISTEN_TIMEOUT_S
 from tools.bench_brokers import MAX_WORKER_PORT as MAX_WORKER_PORT
 from tools.bench_brokers import MOSQUITTO as MOSQUITTO
 from tools.bench_brokers import RSS_POLL_S as RSS_POLL_S
 from tools.bench_brokers import STOP_TIMEOUT_S as STOP_TIMEOUT_S
+from tools.bench_brokers import Broker as Broker
+from tools.bench_brokers import BrokerSpec as BrokerSpec
+from tools.bench_brokers import RssGuard as RssGuard
 from tools.bench_brokers import free_port as free_port
 from tools.bench_brokers import free_port_base as free_port_base
 from tools.bench_brokers import port_free as port_free
 from tools.bench_brokers import wait_listening as wait_listening
-from tools.loadgen import cluster, durable, wire
+from tools.loadgen import cluster, durable, tls, wire
 from tools.loadgen.scenarios import SCENARIOS, Metric, Params, ScenarioResult, run_scenario
 from tools.loadgen.worker import raise_nofile_limit
 
@@ -94,8 +100,9 @@ CROSS_SCENARIOS = (
     CrossScenario("fan-out-cross", "fan-out", 1, 2),
 )
 CROSS_BY_NAME = {c.name: c for c in CROSS_SCENARIOS}
-# durable: its own node and database; cluster: its own three nodes and database
-ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME, durable.SCENARIO, cluster.SCENARIO)
+# durable: its own node and database; cluster: its own three nodes and database; tls: its own
+# MeshMQ and Mosquitto, each with a TLS listener
+ALL_SCENARIOS = (*SCENARIOS, *CROSS_BY_NAME, tls.SCENARIO, durable.SCENARIO, cluster.SCENARIO)
 
 
 def parse_variants(text: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -155,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cross-args",
         default=CROSS_ARGS,
         help=f"MeshMQ arguments of the cross-worker node (default {CROSS_ARGS!r}; needs 2 workers or more)",
+    )
+    parser.add_argument(
+        "--tls-seconds",
+        type=float,
+        default=tls.DEFAULT_SECONDS,
+        help=f"measured window of each run of the tls group (default {tls.DEFAULT_SECONDS:g})",
     )
     parser.add_argument("--idle-connections", type=int, default=5000)
     parser.add_argument(
@@ -505,6 +518,14 @@ def run_bench(args: argparse.Namespace) -> int:
         runs = run_cross(crosses, args, params, Path(tmp))
         everyone = [*brokers, *(b for _c, b in runs)]
         report = to_json(brokers, args, started, runs)  # before the workdirs (broker logs) go
+    tls_params = tls.TlsParams(
+        seconds=args.tls_seconds,
+        warmup_s=args.warmup,
+        version=args.mqtt_version,
+        max_rss_mib=args.max_broker_rss_mib,
+    )
+    secured = tls.run_tls(tls_params, args.brokers) if tls.SCENARIO in args.scenarios else None
+    report["tls"] = tls.as_json(secured) if secured is not None else None
     durable_params = durable.DurableParams(
         seconds=args.seconds, warmup_s=args.warmup, version=args.mqtt_version
     )
@@ -528,6 +549,9 @@ def run_bench(args: argparse.Namespace) -> int:
             f"\ncross-worker delivery (MeshMQ {args.cross_args}, clients placed by WorkerPortBase, a fresh node each):"
         )
         print(render_cross_table(runs))
+    if secured is not None:
+        print(f"\n{tls.title(secured)}:")
+        print(tls.render(secured))
     if durables:
         print("\ndurable QoS 1 into persistent sessions (MeshMQ, its own node and database each):")
         print(durable.render(durables))
@@ -545,7 +569,8 @@ def run_bench(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"\nwrote {path}")
     cluster_failed = clustered is not None and clustered.failed
-    return 1 if failed(everyone) or any(r.errors or not r.phases for r in durables) or cluster_failed else 0
+    group_failed = cluster_failed or (secured is not None and secured.failed)
+    return 1 if failed(everyone) or any(r.errors or not r.phases for r in durables) or group_failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 Why: to measure one broker by hand (or profile it) without `tools.bench` starting anything.
 `--pub-port` / `--sub-port` put publishers and subscribers on other ports than `--port`, e.g.
 on chosen workers of a MeshMQ node that has `WorkerPortBase` set (worker i on base + i).
+`--tls-ca FILE` makes every connection TLS, verifying the broker against that CA (give the
+broker's TLS port as `--port`).
 Must not: start, stop or signal the broker; `--broker-pid` is only read from /proc.
 """
 
@@ -41,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pub-port", type=int, default=None, help="publishers' port (default: --port)")
     parser.add_argument("--sub-port", type=int, default=None, help="subscribers' port (default: --port)")
+    parser.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="FILE",
+        help="connect over TLS, verifying the broker against this CA",
+    )
     parser.add_argument("--scenarios", type=parse_scenarios, default=list(SCENARIOS))
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per scenario")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before the window")
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         subscriber_procs=args.subscriber_procs,
         pub_port=args.pub_port,
         sub_port=args.sub_port,
+        tls_ca_file=args.tls_ca,
     )
     failed = False
     for scenario in args.scenarios:

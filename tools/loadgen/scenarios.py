@@ -14,7 +14,9 @@ Where clients connect: publishers to `Params.pub_port`, subscribers to `Params.s
 defaulting to the broker's port given to `run_scenario`. A broker that listens on one port per
 worker (MeshMQ's `WorkerPortBase`) thus gets its publishers and subscribers placed on chosen
 workers, which is how `tools.bench` measures same-worker against cross-worker delivery.
-Idle connections always use the broker's port.
+Idle connections always use the broker's port. With `Params.tls_ca_file` set, every
+connection of the scenario is TLS (that port must be the broker's TLS listener), verified
+against that CA; the workloads and the metrics do not change.
 
 Must not: start or stop brokers (that is `tools.bench`), or print.
 
@@ -66,6 +68,7 @@ class Params:
     max_messages: int = 50_000_000  # per publishing connection
     pub_port: int | None = None  # publishers connect here; None: the broker's port
     sub_port: int | None = None  # subscribers connect here; None: the broker's port
+    tls_ca_file: str | None = None  # every client over TLS, the broker verified against this CA
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,7 @@ def _specs(
             rate_per_s=params.latency_rate_per_s,
             keepalive_s=_keepalive_s(params),
             max_messages=params.max_messages,
+            tls_ca_file=params.tls_ca_file,
         )
         for n, chunk in enumerate(_split(topics, procs))
     ]
@@ -318,6 +322,7 @@ def stages_for(scenario: str, host: str, port: int, params: Params) -> list[list
                     version=params.version,
                     keepalive_s=params.idle_keepalive_s,
                     connect_concurrency=params.idle_concurrency,
+                    tls_ca_file=params.tls_ca_file,
                 )
                 for n, share in enumerate(shares)
                 if share

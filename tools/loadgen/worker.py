@@ -16,6 +16,12 @@ Invariants and protocol with the parent, over one multiprocessing Pipe:
   worker -> WorkerResult (after the drain that follows `end`)  | Failed
   parent -> Stop; the worker closes its connections and exits.
 An idle-connection worker sends Ready at once and opens its connections at Go's `start`.
+
+TLS (`WorkerSpec.tls_ca_file`): the choice is made once per connection, when it is opened
+(`loop.create_connection(..., ssl=context)` with one client context per worker process, TLS 1.3
+when the broker offers it, the server verified against that CA, no client certificate). The
+protocols in `clients` are the same objects on both transports, so the plain path carries no
+per-message test of any kind; the TLS records are the transport's business.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -81,6 +88,7 @@ class WorkerSpec:
     connect_concurrency: int = 64
     connect_timeout_s: float = 10.0
     max_messages: int = 50_000_000  # per connection, a bound independent of time
+    tls_ca_file: str | None = None  # connect over TLS, verifying the broker against this CA (PEM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +153,15 @@ def raise_nofile_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+def client_ssl_context(ca_file: str) -> ssl.SSLContext:
+    """A client context that verifies the broker against `ca_file` (host name included).
+
+    The standard library's defaults: TLS 1.2 at least, TLS 1.3 whenever the broker offers it,
+    no client certificate.
+    """
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
 
 
 def run_async(main: Callable[[], Coroutine[object, object, T]]) -> T:
@@ -214,13 +231,25 @@ def _make_client(spec: WorkerSpec, topic: str) -> clients.Client:
 
 
 async def _connect(
-    spec: WorkerSpec, index: int, topic: str, gate: asyncio.Semaphore, took_ns: list[int] | None = None
+    spec: WorkerSpec,
+    index: int,
+    topic: str,
+    gate: asyncio.Semaphore,
+    took_ns: list[int] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> clients.Client:
     loop = asyncio.get_running_loop()
     async with gate:
         started_ns = time.perf_counter_ns()
+        # ssl=None is asyncio's plain TCP; server_hostname only goes with a context.
         _transport, client = await asyncio.wait_for(
-            loop.create_connection(lambda: _make_client(spec, topic), spec.host, spec.port),
+            loop.create_connection(
+                lambda: _make_client(spec, topic),
+                spec.host,
+                spec.port,
+                ssl=tls,
+                server_hostname=spec.host if tls is not None else None,
+            ),
             spec.connect_timeout_s,
         )
         try:
@@ -332,13 +361,16 @@ async def _run_timed(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> W
     )
 
 
-async def _run_idle(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> WorkerResult:
+async def _run_idle(
+    spec: WorkerSpec, conns: list[clients.Client], go: Go, tls: ssl.SSLContext | None
+) -> WorkerResult:
     await _sleep_until(go.start_s)
     gate = asyncio.Semaphore(spec.connect_concurrency)
     started_s = time.monotonic()
     took_ns: list[int] = []
     outcomes = await asyncio.gather(
-        *(_connect(spec, i, "", gate, took_ns) for i in range(spec.idle_connections)), return_exceptions=True
+        *(_connect(spec, i, "", gate, took_ns, tls) for i in range(spec.idle_connections)),
+        return_exceptions=True,
     )
     done_s = time.monotonic()
     failures: list[str] = []
@@ -364,11 +396,13 @@ async def _run_idle(spec: WorkerSpec, conns: list[clients.Client], go: Go) -> Wo
 async def _worker(spec: WorkerSpec, conn: Connection) -> None:
     inbox = _Inbox(conn)
     conns: list[clients.Client] = []
+    tls = client_ssl_context(spec.tls_ca_file) if spec.tls_ca_file is not None else None
     try:
         if spec.kind is not RoleKind.IDLE:
             gate = asyncio.Semaphore(spec.connect_concurrency)
             outcomes = await asyncio.gather(
-                *(_connect(spec, i, t, gate) for i, t in enumerate(spec.topics)), return_exceptions=True
+                *(_connect(spec, i, t, gate, tls=tls) for i, t in enumerate(spec.topics)),
+                return_exceptions=True,
             )
             conns.extend(c for c in outcomes if isinstance(c, clients.Client))
             for outcome in outcomes:
@@ -379,7 +413,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
         if not isinstance(go, Go):
             return
         if spec.kind is RoleKind.IDLE:
-            result = await _run_idle(spec, conns, go)
+            result = await _run_idle(spec, conns, go, tls)
         else:
             result = await _run_timed(spec, conns, go)
         conn.send(result)

@@ -303,6 +303,7 @@ def test_scenario_option_knows_the_cross_worker_scenarios() -> None:
         "fan-in-cross",
         "fan-out-same",
         "fan-out-cross",
+        "tls",
         "durable",
         "cluster",
     ]
