@@ -73,7 +73,7 @@ _COMMANDS: Final = {
     "sessions": "sessions and where they live: node, worker, online, queued messages",
     "retained": "retained messages: count, topics, QoS, size",
     "stats": "counters per node, per worker and per link",
-    "tap": "a live view of the messages on a topic filter (over MQTT)",
+    "tap": "a live view of the messages on a topic filter (over MQTT; --user/--password when the node has Auth.Enabled)",
     "ping": "round trip from the node to NODE over the cluster link (needs the token)",
     "drain": "drain NODE: it sheds its clients and leaves (needs the token)",
     "user": "users of the store: add, passwd, admin, del, list (needs admin credentials)",
@@ -428,7 +428,7 @@ def _tap_json(message: TapMessage) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
-def _run_tap(args: argparse.Namespace, node_host: str) -> int:
+def _run_tap(args: argparse.Namespace, node_host: str, user: str | None, password: str | None) -> int:
     try:
         host, port = parse_address(args.mqtt or node_host, DEFAULT_MQTT_PORT)
     except ValueError as e:
@@ -440,7 +440,17 @@ def _run_tap(args: argparse.Namespace, node_host: str) -> int:
         print(line(message), flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tap without --count/--seconds ends
-        tap(host, port, args.topic, show, timeout_s=args.timeout, count=args.count, seconds=args.seconds)
+        tap(
+            host,
+            port,
+            args.topic,
+            show,
+            timeout_s=args.timeout,
+            count=args.count,
+            seconds=args.seconds,
+            username=user,
+            password=password,
+        )
     return 0
 
 
@@ -494,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     user = None if token else args.user or os.environ.get("MESHMQ_USER") or None
     try:
         if args.command == "tap":
-            return _run_tap(args, host)
+            # an MQTT client: a store user's name and password when the node has Auth.Enabled
+            mqtt_user = args.user or os.environ.get("MESHMQ_USER") or None
+            return _run_tap(args, host, mqtt_user, _admin_password(args, mqtt_user))
         password = _admin_password(args, user)
         client = NodeClient(host, port, token=token, user=user, password=password, timeout_s=args.timeout)
         return _run_http(args, client)

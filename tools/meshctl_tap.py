@@ -116,10 +116,12 @@ def tap(
     timeout_s: float,
     count: int | None = None,
     seconds: float | None = None,
+    username: str | None = None,
+    password: str | None = None,
 ) -> int:
     """Subscribe to `topic_filter` on the broker at host:port and call `on_message` for each
     message until `count` messages or `seconds` have passed (neither: until interrupted);
-    the number of messages seen."""
+    the number of messages seen. `username`/`password`: for a node with Auth.Enabled."""
     where = f"mqtt://{f'[{host}]' if ':' in host else host}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
@@ -132,7 +134,16 @@ def tap(
     link = _Link(sock, where)
     connected = False
     try:
-        link.send(Connect(f"meshctl-tap-{secrets.token_hex(4)}", _V311, True, KEEPALIVE_S))
+        link.send(
+            Connect(
+                f"meshctl-tap-{secrets.token_hex(4)}",
+                _V311,
+                True,
+                KEEPALIVE_S,
+                username=username,
+                password=None if password is None else password.encode(),
+            )
+        )
         connack = link.expect(Connack, timeout_s)
         assert isinstance(connack, Connack)
         if connack.reason_code != 0:

@@ -9,6 +9,7 @@ Must not: send traffic anywhere but the node on 127.0.0.1; wait unbounded.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.admin_api import admin_call
-from tests.e2e.broker_proc import BrokerProcess, free_port
+from tests.e2e.broker_proc import REPO, BrokerProcess, free_port
 from tests.e2e.clients import TestClient
 from tests.e2e.workers_helpers import WorkerAddress, free_port_block
 
@@ -292,3 +293,32 @@ def test_refusals_are_counted_in_metrics(node: Node) -> None:
         )
 
     within(3.0, counted, "auth failures in /metrics (workers report every second)")
+
+
+def test_meshctl_tap_needs_a_user_when_auth_is_on(node: Node) -> None:
+    base = [sys.executable, "-m", "tools.meshctl", "--node", f"127.0.0.1:{node.http_port}"]
+    tap = ["tap", "users/alice/#", "--mqtt", f"127.0.0.1:{node.base + 1}", "--count", "1", "--seconds", "10"]
+    env = {"PATH": "/usr/bin:/bin"}
+    refused = subprocess.run([*base, *tap], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0
+    assert "refused the connection" in refused.stderr
+    with subprocess.Popen(
+        [*base, "--user", "root", "--password", "r00t", *tap],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        root = client(node, 2, username="root", password="r00t")
+        root.connect()
+        try:
+            deadline = time.monotonic() + 10
+            while proc.poll() is None and time.monotonic() < deadline:  # until the tap has subscribed
+                root.publish("users/alice/tapped", b"seen", qos=1)
+                time.sleep(0.1)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            root.close()
+    assert proc.returncode == 0, err
+    assert "users/alice/tapped" in out
