@@ -27,6 +27,7 @@ from broker.config import AuthConfig, LimitsConfig, MqttConfig
 from broker.delivery import Delivery
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
 from broker.lifecycle import SessionLifecycle
+from broker.limits import WorkerLimits
 from broker.messages import Message
 from broker.metrics import Counters
 from broker.ports import ClientIdSource, MemorySessionStore, MeshPort, NoMesh, SessionStore, random_client_id
@@ -63,6 +64,7 @@ class BrokerCore(SessionLifecycle, Delivery):
         self.config = config
         # Limits against abuse (Limits section; MaxConnectRate already this worker's share)
         self.limits_config = limits or LimitsConfig()
+        self.limits = WorkerLimits(self.limits_config)
         self.auth_config = auth = auth or AuthConfig()
         # Users and rules (broker/acl.py): the store's, sent on the store plane, then Auth.Acl.
         self.config_rules = tuple(Rule(r.user, r.topic, r.access) for r in auth.acl)
@@ -107,6 +109,9 @@ class BrokerCore(SessionLifecycle, Delivery):
 
     def open_connection(self, peer: str, link: Link, now: float) -> ServerConnection:
         conn = ServerConnection(peer, self.config.max_packet_bytes, now, link, self.dirty)
+        limits = self.limits
+        if limits.active:  # Limits section (broker/limits.py): connection rate, per-client state
+            conn.limits = limits.open(peer, now)
         self.connections.add(conn)
         if self.reading_paused:
             link.pause_reading()

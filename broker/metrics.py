@@ -50,6 +50,14 @@ class Counters:
     subscribe_denied: int = 0
     deliveries_denied: int = 0
     wills_denied: int = 0
+    # limits against abuse (broker/ACCESS.md, Limits; broker/limits.py): refusals per limit,
+    # shown as meshmq_limit_refusals_total{limit="publish_rate", ...}
+    limit_publish_rate: int = 0
+    limit_subscribe_rate: int = 0
+    limit_subscriptions: int = 0
+    limit_topic_levels: int = 0
+    limit_topic_length: int = 0
+    limit_connect_rate: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -468,7 +468,6 @@ class StoreLink:
             else:
                 self._apply_dsub(str(client_id), subs)
 
-
     def _apply_auth(self, body: tuple[object, ...]) -> None:
         """A table of users and rules from the store (a snapshot, or a broadcast after a change)."""
         core = self.core

@@ -12,12 +12,16 @@ Invariants:
 - Children are started with `spawn` (no state forked from the parent), the relay first.
 - A child that exits while the node runs is restarted after a backoff that doubles up to 30 s and
   resets once the child has lived 60 s; the log says which child, its pid and how it ended.
+- SIGHUP is forwarded to every live worker, which reloads its TLS files; children are started
+  with SIGHUP ignored (inherited across exec) until a worker installs its handler, so a SIGHUP
+  during a start never kills one.
 - On SIGTERM/SIGINT workers get SIGTERM (they close listeners, send 5.0 clients DISCONNECT 0x8B
   and keep sessions), then the relay; whatever still runs after the grace time gets SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from types import FrameType
 
 from broker.config import Config, StoreType
 from broker.logs import configure_logging
@@ -166,7 +171,11 @@ class Supervisor:
         process = self.ctx.Process(
             target=child.target, args=child.args, name=f"meshmq {child.name}", daemon=False
         )
-        process.start()
+        previous = _ignore_sighup()
+        try:
+            process.start()
+        finally:
+            _restore_sighup(previous)
         child.process = process
         child.started_at = time.monotonic()
         child.restart_at = None
@@ -212,6 +221,20 @@ class Supervisor:
     def stop(self) -> None:
         self.stopping = True
 
+    def reload_tls(self) -> None:
+        """SIGHUP: each live worker re-reads its TLS files (broker/ACCESS.md, "Transports")."""
+        pids = [
+            c.process.pid
+            for c in self.children
+            if c.name.startswith("worker") and c.process is not None and c.process.is_alive()
+        ]
+        log.info("SIGHUP received: reloading TLS in %d worker(s) (pids %s)", len(pids), pids)
+        for pid in pids:
+            if pid is not None:
+                # A worker that died just now is restarted, and reads the files anyway.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
     def _drain(self) -> int:
         grace_s = self.config.shutdown_grace_s
         deadline = time.monotonic() + grace_s
@@ -235,6 +258,22 @@ class Supervisor:
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
         log.info("node %r stopped", self.config.node_name)
         return self.exit_status
+
+
+_SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+def _ignore_sighup() -> _SignalHandler:
+    """SIG_IGN for SIGHUP while a child is spawned (the child inherits it); None off the main thread."""
+    try:
+        return signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    except ValueError:
+        return None
+
+
+def _restore_sighup(previous: _SignalHandler) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def check_port(config: Config) -> str | None:
@@ -266,6 +305,11 @@ def run_node(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        supervisor.reload_tls()
+
+    signal.signal(signal.SIGHUP, on_hangup)
     log.info(
         "MeshMQ node %r starting (pid %d, %d worker(s), ipc %s)",
         config.node_name,

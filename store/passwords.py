@@ -28,7 +28,9 @@ P: Final = 1
 SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
 _MAX_MEM: Final = 64 * 1024 * 1024
-_FORMAT: Final = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
+_FORMAT: Final = re.compile(
+    r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)"
+)
 MAX_PASSWORD_BYTES: Final = 65535  # what an MQTT CONNECT can carry
 
 
@@ -51,7 +53,12 @@ def hash_password(password: str | bytes, *, log2_n: int = LOG2_N) -> str:
 def is_hash(text: str) -> bool:
     """Whether `text` is a stored hash this module can verify."""
     match = _FORMAT.fullmatch(text)
-    return match is not None and 10 <= int(match[1]) <= 20 and 1 <= int(match[2]) <= 32 and 1 <= int(match[3]) <= 16
+    return (
+        match is not None
+        and 10 <= int(match[1]) <= 20
+        and 1 <= int(match[2]) <= 32
+        and 1 <= int(match[3]) <= 16
+    )
 
 
 def verify_password(password: str | bytes, stored: str) -> bool:

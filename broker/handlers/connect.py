@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from broker.handlers.auth import authenticate
 from broker.handlers.common import is_utf8, refuse_connect
+from broker.limits import connect_refused, will_refused
 from broker.mesh_codec import session_from_wire
 from broker.ports import CLAIM_LOST
 from broker.protocol.codec import MAX_PACKET_BYTES
@@ -46,6 +47,8 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
     v5 = conn.version is V5
     props = packet.properties
     conn.client_id = packet.client_id  # for the log lines of a refusal
+    if conn.limits is not None and connect_refused(conn.limits, core, conn, now):
+        return  # Limits: opened over the connection rate of its address (broker/limits.py)
 
     if core.minority:
         core.counters.connections_refused += 1
@@ -92,6 +95,8 @@ def handle_connect(core: BrokerCore, conn: ServerConnection, packet: Connect, no
         except MQTTError:
             refuse_connect(conn, Reason.TOPIC_NAME_INVALID, f"invalid will topic {will.topic!r}")
             return
+        if conn.limits is not None and will_refused(conn.limits, core, conn, will.topic, now):
+            return  # Limits: will topic over the topic levels / length
         if will.qos > cfg.maximum_qos:
             refuse_connect(conn, Reason.QOS_NOT_SUPPORTED, "will QoS above maximum QoS")  # [MQTT-3.2.2-12]
             return

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from broker.handlers.common import is_utf8
+from broker.limits import publish_refused
 from broker.messages import Message
 from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError, ReceiveMaximumExceeded, TopicAliasInvalid
@@ -96,6 +97,8 @@ def handle_publish(core: BrokerCore, conn: ServerConnection, packet: Publish, no
             raise ReceiveMaximumExceeded(
                 f"more than {core.config.max_inflight} QoS 2 messages unreleased [MQTT-3.3.4-8]"
             )
+    if conn.limits is not None and publish_refused(conn.limits, core, conn, packet, topic, now):
+        return  # Limits: publish rate, topic levels / length (broker/limits.py)
 
     if props is NO_PROPERTIES:
         message = Message(topic, packet.payload, qos, packet.retain, NO_PROPERTIES, conn.client_id)

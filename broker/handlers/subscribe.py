@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from broker.limits import filter_refusal, subscribe_refused
 from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.errors import MQTTError, ProtocolError
 from broker.protocol.packets import ProtocolVersion, Suback, Subscribe, Unsuback, Unsubscribe
@@ -31,6 +32,9 @@ V5 = ProtocolVersion.V5
 def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe, now: float) -> None:
     session = conn.session
     assert session is not None
+    limits = conn.limits
+    if limits is not None and subscribe_refused(limits, core, conn, packet, now):
+        return  # Limits: subscribe rate, every filter refused (broker/limits.py)
     cfg = core.config
     v5 = conn.version is V5
     ids = packet.properties.subscription_identifiers
@@ -62,6 +66,11 @@ def handle_subscribe(core: BrokerCore, conn: ServerConnection, packet: Subscribe
                 sub.topic_filter,
             )
             codes.append(Reason.NOT_AUTHORIZED if v5 else Reason.UNSPECIFIED_ERROR)
+            continue
+        if limits is not None and (
+            refused := filter_refusal(limits, core, conn, session, sub.topic_filter, topic_filter, now)
+        ):
+            codes.append(refused)  # Limits: topic levels / length, MaxSubscriptions
             continue
         granted = sub.qos if sub.qos <= cfg.maximum_qos else cfg.maximum_qos  # [MQTT-3.2.2-10 area]
         entry = SubEntry(

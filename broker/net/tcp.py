@@ -1,8 +1,12 @@
-"""The per-connection IO loop over an asyncio transport (TCP now; TLS and WebSocket later).
+"""The per-connection IO loop over an asyncio byte stream: plain TCP, or TLS (TCPS).
 
 Why: the only code that touches a client's socket. It hands bytes to the core with the loop's
 monotonic time, and after each batch of work asks the core to flush, so that every connection
 touched by that batch gets one write. It is the `Link` the core writes to.
+
+Over TLS the same protocol runs above the loop's SSLProtocol (`broker/net/tls.py`): it sees
+plaintext, and `connection_made` runs once the handshake has succeeded, so the verified client
+certificate's identity is handed to the connection right after `open_connection`.
 
 Must not: interpret MQTT. Invariants: `data_received` never raises; backpressure from the kernel
 (pause_writing) is passed on to the core, which then holds QoS 1/2 in the session queue and
@@ -16,6 +20,7 @@ import logging
 from typing import cast
 
 from broker.core import BrokerCore
+from broker.net.tls import transport_identity
 from broker.protocol.connection import ServerConnection
 
 log = logging.getLogger("broker.net")
@@ -26,11 +31,14 @@ WRITE_LOW_WATER_BYTES = 1 << 18
 
 
 class MqttStreamProtocol(asyncio.Protocol):
-    __slots__ = ("conn", "core", "loop", "transport")
+    __slots__ = ("conn", "core", "loop", "subject_as_username", "transport")
 
-    def __init__(self, core: BrokerCore, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, core: BrokerCore, loop: asyncio.AbstractEventLoop, subject_as_username: str = "NONE"
+    ) -> None:
         self.core = core
         self.loop = loop
+        self.subject_as_username = subject_as_username  # TLS.UseSubjectAsUsername: NONE | CN | DN
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
 
@@ -43,7 +51,9 @@ class MqttStreamProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.conn = self.core.open_connection(peer_text, self, self.loop.time())
+        self.conn = conn = self.core.open_connection(peer_text, self, self.loop.time())
+        if self.subject_as_username != "NONE":
+            conn.tls_identity = transport_identity(transport, self.subject_as_username)
 
     def data_received(self, data: bytes) -> None:
         core = self.core

@@ -84,6 +84,7 @@ class ServerConnection:
         "held",
         "keepalive_s",
         "last_rx",
+        "limits",
         "link",
         "link_lost",
         "out",
@@ -140,6 +141,9 @@ class ServerConnection:
         # (set by the net layer right after open_connection; TLS.UseSubjectAsUsername).
         self.tls_identity: str | None = None
         self.username: str | None = None  # who the client authenticated as (None: anonymous)
+        # broker.limits.ClientLimits when the Limits section needs per-connection state (Any:
+        # protocol/ imports nothing of the broker at run time)
+        self.limits: Any = None
 
     # -- input --------------------------------------------------------------------------------
 

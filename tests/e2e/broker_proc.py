@@ -12,6 +12,7 @@ is a wrong test; one that fails only on ours is a bug of ours.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,6 +128,17 @@ class BrokerProcess:
         self._signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(5)
+
+    def wait_log(self, pattern: str, count: int = 1, timeout_s: float = 10.0) -> list[str]:
+        """Wait until the log holds `count` matches of the regex `pattern`; all matches found."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = re.findall(pattern, self.log())
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"log: {len(found)} of {count} {pattern!r} within {timeout_s}s")
+            time.sleep(0.05)
 
     def restart(self) -> BrokerProcess:
         self.stop()
