@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if refusal is not None:
         print(f"meshmq: {refusal}", file=sys.stderr)
         return EXIT_USAGE
+    try:  # certificate files: checked once here, so that a bad one stops the node before it starts
+        from broker.worker import load_tls
+
+        load_tls(config)
+    except ConfigError as e:
+        print(f"meshmq: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(config.logging, "supervisor")
     from broker.supervisor import run_node
 

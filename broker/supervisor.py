@@ -278,7 +278,9 @@ def _restore_sighup(previous: _SignalHandler) -> None:
 
 def check_port(config: Config) -> str | None:
     """Can the MQTT ports be bound (with SO_REUSEPORT, as the workers will)? An error text if not."""
-    ports = [config.tcp_port] if config.tcp_port else []
+    ports = [p for p in (config.tcp_port, config.tls_port, config.ws_port, config.wss_port) if p]
+    if len(set(ports)) != len(ports):
+        return f"two listeners on one port: TCP {config.tcp_port}, TCPS {config.tls_port}, WS {config.ws_port}, WSS {config.wss_port}"
     if config.worker_port_base:
         ports += [config.worker_port_base + i for i in range(1, config.worker_count + 1)]
     family = socket.AF_INET6 if ":" in config.listen_address else socket.AF_INET

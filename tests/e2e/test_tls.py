@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -316,7 +317,31 @@ def test_bad_certificate_file_stops_the_node(tmp_path: Path, pki: Pki) -> None:
         config={"TCPS": free_port(), "TLS": {"CertFile": str(missing), "KeyFile": str(pki.server_key)}},
         port=free_port(),
     )
-    with pytest.raises(RuntimeError, match="exited with 3"):
+    with pytest.raises(RuntimeError, match="exited with 2"):  # checked before any process starts
         broker.start()
-    assert f"TLS.CertFile: cannot load '{missing}'" in broker.log()
-    assert "cannot start with this configuration" in broker.log()
+    assert f"meshmq: config error: TLS.CertFile: cannot load '{missing}'" in broker.log()
+
+
+def test_a_taken_websocket_or_tls_port_stops_the_node_with_a_clear_error(tmp_path: Path, pki: Pki) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        broker = BrokerProcess(workdir=tmp_path, config={"WS": taken}, port=free_port())
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            broker.start()
+        assert f"cannot listen on 127.0.0.1:{taken}" in broker.log()
+        same = free_port()
+        (tmp_path / "twice").mkdir()
+        twice = BrokerProcess(
+            workdir=tmp_path / "twice",
+            config={
+                "WS": same,
+                "WSS": same,
+                "TLS": {"CertFile": str(pki.server_cert), "KeyFile": str(pki.server_key)},
+            },
+            port=free_port(),
+        )
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            twice.start()
+        assert "two listeners on one port" in twice.log()
