@@ -299,10 +299,11 @@ def _connected(
             return  # gone or taken over while the store wrote
         conn.send(Connack(session_present, Reason.SUCCESS, pending.connack_props))
         log.info(
-            "client %r connected from %s (%s, keep alive %ds, session present %s)",
+            "client %r connected from %s (%s%s, keep alive %ds, session present %s)",
             pending.client_id,
             conn.peer,
             "5.0" if conn.version is V5 else "3.1.1",
+            "" if conn.username is None else f", user {conn.username!r}",
             conn.keepalive_s,
             session_present,
         )

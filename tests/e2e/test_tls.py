@@ -345,3 +345,47 @@ def test_a_taken_websocket_or_tls_port_stops_the_node_with_a_clear_error(tmp_pat
         with pytest.raises(RuntimeError, match="exited with 1"):
             twice.start()
         assert "two listeners on one port" in twice.log()
+
+
+# --- the certificate as the username, with Auth.Enabled --------------------------------------------
+
+
+def test_the_certificate_subject_is_the_username_for_auth_and_acls(
+    tmp_path: Path, pki: Pki, clients: list[TestClient]
+) -> None:
+    broker = BrokerProcess(
+        workdir=tmp_path,
+        config={
+            "TCPS": free_port(),
+            "TLS": {
+                "CertFile": str(pki.server_cert),
+                "KeyFile": str(pki.server_key),
+                "CaFile": str(pki.ca_cert),
+                "ClientCertificates": "REQUIRED",
+                "UseSubjectAsUsername": "CN",
+            },
+            "SessionStore": {"Type": "SQLITE", "SQLite": {"Path": str(tmp_path / "store.db")}},
+            "Auth": {"Enabled": True, "Acl": [{"User": "*", "Topic": "users/%u/#", "Access": "BOTH"}]},
+        },
+    ).start()
+    try:
+        # no user of that name in the store, no password: the verified certificate is enough
+        alice = tls_client(clients, broker, tls_context(pki, pki.client_cert("alice")), "alice-dev")
+        assert alice.connect().reason_code == 0
+        assert alice.subscribe("users/alice/#", qos=1) == [1]
+        assert alice.subscribe("users/bob/#", qos=1) == [0x87]
+        assert alice.publish("users/alice/x", b"own", qos=1) == 0
+        assert alice.expect_one().payload == b"own"
+        assert alice.publish("users/bob/x", b"theirs", qos=1) == 0x87
+        # the CONNECT's user name and password are ignored: the certificate says who this is
+        bob = TestClient(
+            Endpoint(broker.host, tls_port(broker)), "bob-dev", username="alice", password="nope"
+        )
+        bob._client.tls_set_context(tls_context(pki, pki.client_cert("bob")))
+        clients.append(bob)
+        assert bob.connect().reason_code == 0
+        assert bob.publish("users/alice/x", b"spoof", qos=1) == 0x87
+        assert bob.publish("users/bob/x", b"fine", qos=1) == 0x10  # allowed; nobody subscribed
+        alice.expect_none(0.3)
+    finally:
+        broker.stop()
