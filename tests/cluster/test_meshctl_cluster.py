@@ -190,7 +190,7 @@ def test_meshctl_drains_a_node_only_with_the_token(ctl: Ctl) -> None:
 
     refused = ctl(1, "drain", "n3")
     assert refused.returncode == 1 and refused.stdout == ""
-    assert refused.stderr.startswith("meshctl: the admin token is missing"), refused.stderr
+    assert refused.stderr.startswith("meshctl: admin credentials are missing"), refused.stderr
     wrong = ctl(1, "drain", "n3", "--token", "nope")
     assert wrong.returncode == 1 and wrong.stderr.startswith("meshctl: the admin token is wrong"), (
         wrong.stderr

@@ -613,7 +613,10 @@ def test_no_local_across_workers(node: WorkerNode, make: ClientFactory) -> None:
     a2.publish(topic, b"from a on w3", qos=1)
     for c in (same, other):
         assert c.expect_one().payload == b"from a on w3"
-    a2.expect_none(0.3)
+    # What a2 may get is a resend (DUP) of "from other" if a's PUBACK had not reached the broker
+    # before the takeover [MQTT-4.4.0-1]; never its own message.
+    got = a2.drain(quiet_s=0.3)
+    assert all(m.dup and m.payload == b"from other" for m in got), got
 
 
 # -- a worker dies, the node stops -----------------------------------------------------------
