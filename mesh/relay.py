@@ -95,6 +95,10 @@ class _Sync:
     waiting: set[int]
     deadline: float
     marks: dict[str, int] = field(default_factory=dict)  # peer node -> stream seq it must acknowledge
+    # Cluster: the marks are taken when this relay sees the worker's `Y` envelope on its SUB,
+    # behind whatever the worker published before (retained updates travel there, not on the
+    # DEALER that carries `sync`), so that a barrier covers them on every node too.
+    relay_seen: bool = True
 
 
 @dataclass(slots=True)
@@ -111,6 +115,7 @@ class RelayState:
     marks: dict[str, int] = field(default_factory=dict)
     syncs: dict[str, _Sync] = field(default_factory=dict)
     early_seen: dict[str, set[int]] = field(default_factory=dict)
+    early_marks: dict[str, dict[str, int]] = field(default_factory=dict)  # Y seen before its `sync`
 
     def alive(self, worker: int) -> bool:
         return worker in self.workers
@@ -631,7 +636,12 @@ class Relay(ClusterRelay, RelayView):
             (token,) = body
             assert isinstance(token, str)
             waiting = set(state.workers) - {sender} - state.early_seen.pop(token, set())
-            state.syncs[token] = _Sync(identity, req, waiting, now + 2.0, self.sync_marks())
+            if self.links is None:
+                state.syncs[token] = _Sync(identity, req, waiting, now + 2.0, self.sync_marks())
+            else:
+                seen = token in state.early_marks
+                marks = state.early_marks.pop(token) if seen else {}
+                state.syncs[token] = _Sync(identity, req, waiting, now + 2.0, marks, seen)
             self._complete_syncs()
         elif kind == "seen":
             token, seen_by = body
@@ -647,7 +657,7 @@ class Relay(ClusterRelay, RelayView):
 
     def _complete_syncs(self, now: float | None = None) -> None:
         for token, sync in list(self.state.syncs.items()):
-            done = not sync.waiting and self.marks_reached(sync.marks)
+            done = not sync.waiting and sync.relay_seen and self.marks_reached(sync.marks)
             if done or (now is not None and now >= sync.deadline):
                 if not done:
                     log.warning(
@@ -703,6 +713,23 @@ class Relay(ClusterRelay, RelayView):
                 message = None
             if cluster:
                 self.forward_local(channel, data, now, message)
+                if isinstance(message, env.SyncMarker):
+                    self._relay_saw(message.token)
+
+    def _relay_saw(self, token: bytes) -> None:
+        """A worker's barrier marker reached this relay: what it published before is on its way
+        to every peer (forwarded above), so the barrier's marks are taken now."""
+        state = self.state
+        key = token.decode(errors="replace")
+        sync = state.syncs.get(key)
+        if sync is None:
+            state.early_marks[key] = self.sync_marks()  # the `sync` request is still on its way
+            if len(state.early_marks) > 10_000:
+                state.early_marks.clear()
+            return
+        sync.marks = self.sync_marks()
+        sync.relay_seen = True
+        self._complete_syncs()
 
 
 def run(settings: RelaySettings) -> None:

@@ -168,11 +168,21 @@ def _route_and_ack(
     qos = packet.qos
     if qos:
         reason = Reason.SUCCESS if delivered or conn.version is not V5 else NO_SUBSCRIBERS
+        pid = packet.packet_id
+        ack: Packet
         if qos == 1:
-            conn.send(Puback(packet.packet_id, reason))
+            ack = Puback(pid, reason)
         else:
-            session.inbound_qos2.add(packet.packet_id)
-            conn.send(Pubrec(packet.packet_id, reason))
+            session.inbound_qos2.add(pid)
+            ack = Pubrec(pid, reason)
+        if message.retain:
+            # A retained change is in force on every worker and node before it is acknowledged
+            # (a barrier, as for SUBACK): a subscriber that connects anywhere after the PUBACK
+            # gets it. The acknowledgement keeps its place before later ones.
+            step = _hold_first(conn)
+            core.mesh.barrier(now, lambda now: complete_step(conn, step, lambda now: conn.send(ack), now))
+            return
+        conn.send(ack)
 
 
 def _durable(
@@ -225,6 +235,16 @@ def hold_step(conn: ServerConnection) -> _Step:
     if conn.pipeline is None:
         conn.pipeline = deque()
     conn.pipeline.append(step)
+    return step
+
+
+def _hold_first(conn: ServerConnection) -> _Step:
+    """A place at the head of the order: for the acknowledgement of the PUBLISH being handled
+    now (its own step, if it had one, has just left the head), before every later one."""
+    step = _Step()
+    if conn.pipeline is None:
+        conn.pipeline = deque()
+    conn.pipeline.appendleft(step)
     return step
 
 

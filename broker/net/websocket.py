@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final, cast
+from typing import Final
 
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
@@ -31,9 +31,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from broker.core import BrokerCore
-from broker.net.tcp import WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES
-from broker.net.tls import transport_identity
-from broker.protocol.connection import ServerConnection
+from broker.net.tcp import MqttStreamProtocol
 
 log = logging.getLogger("broker.net.websocket")
 
@@ -45,8 +43,10 @@ _library_log = logging.getLogger("broker.net.websocket.library")
 _library_log.setLevel(logging.WARNING)
 
 
-class MqttWebSocketProtocol(asyncio.Protocol):
-    __slots__ = ("conn", "core", "loop", "path", "subject_as_username", "transport", "ws")
+class MqttWebSocketProtocol(MqttStreamProtocol):
+    """The TCP protocol of `broker/net/tcp.py` with WebSocket framing on both directions."""
+
+    __slots__ = ("path", "ws")
 
     def __init__(
         self,
@@ -56,28 +56,14 @@ class MqttWebSocketProtocol(asyncio.Protocol):
         max_frame_bytes: int,
         subject_as_username: str = "NONE",
     ) -> None:
-        self.core = core
-        self.loop = loop
+        super().__init__(core, loop, subject_as_username)
         self.path = path  # WebSocket.Path
-        self.subject_as_username = subject_as_username
-        self.transport: asyncio.Transport | None = None
-        self.conn: ServerConnection | None = None
         # max_size = (message, frame): MQTT streams over frames, so only a frame is bounded.
         self.ws = ServerProtocol(
             subprotocols=list(SUBPROTOCOLS), max_size=(None, max_frame_bytes), logger=_library_log
         )
 
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's are compatible, not subclasses
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
-        peer = transport.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.conn = conn = self.core.open_connection(peer_text, self, self.loop.time())
-        if self.subject_as_username != "NONE":
-            conn.tls_identity = transport_identity(transport, self.subject_as_username)
+    # asyncio.Protocol (the rest as in tcp.py)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -135,28 +121,6 @@ class MqttWebSocketProtocol(asyncio.Protocol):
             if not transport.is_closing():
                 transport.write(chunk)
 
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        conn = self.conn
-        if conn is None:
-            return
-        try:
-            self.core.connection_lost(conn, self.loop.time())
-        except Exception:
-            log.exception("client %r: internal error while closing", conn.client_id)
-        self.core.flush()
-
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.core.write_paused(self.conn)
-
-    def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.core.writable_again(self.conn, self.loop.time())
-            self.core.flush()
-
     # Link
 
     def write(self, data: bytes) -> None:
@@ -178,14 +142,6 @@ class MqttWebSocketProtocol(asyncio.Protocol):
                 if chunk:
                     transport.write(chunk)
         transport.close()
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
 
 __all__ = ["SUBPROTOCOLS", "MqttWebSocketProtocol"]

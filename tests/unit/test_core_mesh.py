@@ -600,3 +600,34 @@ def test_pingresp_is_not_held_without_a_wait() -> None:
     c.connect("c1")
     c.send(Pingreq())
     assert c.received() == [Pingresp()]
+
+
+# -- retained changes take a barrier before their acknowledgement --------------------------------
+
+
+def test_a_retained_publish_is_acknowledged_after_the_barrier_and_keeps_the_ack_order() -> None:
+    mesh = FakeMesh()
+    h = harness(mesh)
+    c = h.client()
+    c.connect("pub")
+    mesh.auto_barrier = False
+    c.send(
+        Publish("r/1", b"kept", qos=1, packet_id=1, retain=True),
+        Publish("plain", b"x", qos=1, packet_id=2),
+        Publish("r/2", b"kept", qos=2, packet_id=3, retain=True),
+    )
+    # the retained change is routed at once (on its way to the other processes); what the
+    # client sends after it waits behind its acknowledgement, in order
+    assert [m.topic for m in mesh.forwarded] == ["r/1"]
+    assert h.core.retained.get("r/1") is not None
+    assert c.received() == []
+    assert len(mesh.barriers) == 1
+    complete_barrier(h, mesh, 0)
+    assert [(type(p).__name__, p.packet_id) for p in c.received()] == [("Puback", 1), ("Puback", 2)]  # type: ignore[attr-defined]
+    assert [m.topic for m in mesh.forwarded] == ["r/1", "plain", "r/2"]
+    assert len(mesh.barriers) == 1  # r/2's
+    c.send(Publish("r/2", b"kept", qos=2, packet_id=3, retain=True, dup=True))  # a resend meanwhile
+    assert c.received() == []
+    complete_barrier(h, mesh, 0)
+    assert [(type(p).__name__, p.packet_id) for p in c.received()] == [("Pubrec", 3), ("Pubrec", 3)]  # type: ignore[attr-defined]
+    assert [m.topic for m in mesh.forwarded] == ["r/1", "plain", "r/2"]  # the resend is not routed again

@@ -690,6 +690,7 @@ def test_a_gone_peer_cancels_its_pending_releases(h: Harness) -> None:
 def test_a_barrier_does_not_wait_for_a_peer_that_goes(h: Harness) -> None:
     h.relay.local_route(1, "+", "x")  # seq 1 to b and c, not acknowledged
     h.control("sync", 4, "tok")
+    h.relay._relay_saw(b"tok")  # the worker's Y envelope reached the relay's SUB
     assert h.relay.state.syncs["tok"].marks == {"b": 1, "c": 1}
     assert h.quiet()
     out_b = h.links.peers["b"].out
@@ -700,6 +701,30 @@ def test_a_barrier_does_not_wait_for_a_peer_that_goes(h: Harness) -> None:
     h.relay.peer_gone(h.links.kill("c", State.LEFT), State.LEFT)
     synced = h.recv()
     assert (synced.kind, synced.req_id, synced.body) == ("synced", 4, ("tok",))
+
+
+def test_a_cluster_barrier_takes_its_marks_when_the_relay_sees_the_workers_marker(h: Harness) -> None:
+    # `sync` came on the DEALER before the worker's earlier retained update reached the relay's
+    # SUB: the barrier must not complete on the marks of that moment
+    h.control("sync", 5, "early")
+    assert h.relay.state.syncs["early"].marks == {}
+    h.relay._complete_syncs()
+    assert h.quiet()
+    h.relay.local_route(1, "+", "y")  # stands for what was forwarded before the marker: seq 1
+    h.relay._relay_saw(b"early")
+    assert h.relay.state.syncs["early"].marks == {"b": 1, "c": 1}
+    assert h.quiet()
+    for name in ("b", "c"):
+        out = h.links.peers[name].out
+        assert out is not None
+        out.ack(1, 1)
+    h.relay._complete_syncs()
+    assert h.recv().kind == "synced"
+    # the marker may also come first: its marks wait for the `sync`
+    h.relay.local_route(1, "+", "z")  # seq 2
+    h.relay._relay_saw(b"late")
+    h.control("sync", 6, "late")
+    assert h.relay.state.syncs["late"].marks == {"b": 2, "c": 2}
 
 
 def test_marks_reached_follows_acks(h: Harness) -> None:
