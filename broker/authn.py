@@ -25,8 +25,9 @@ from typing import Final, Protocol
 from store.passwords import hash_password, verify_password
 
 CACHE_MAX: Final = 100_000
-# Verified against when the user does not exist, so that an unknown name costs the same time.
-_DUMMY_HASH: Final = hash_password(os.urandom(16))
+# Verified against when the user does not exist, so that an unknown name costs the same time
+# (made on first use: a hash costs tens of milliseconds, every process would pay it at import).
+_dummy: list[str] = []
 
 VerifyDone = Callable[[bool, float], None]
 
@@ -100,4 +101,6 @@ class CredentialCache:
 
 
 def dummy_hash() -> str:
-    return _DUMMY_HASH
+    if not _dummy:
+        _dummy.append(hash_password(os.urandom(16)))
+    return _dummy[0]

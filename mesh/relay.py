@@ -363,6 +363,14 @@ class Relay(ClusterRelay, RelayView):
             fd = int(sock.getsockopt(zmq.FD))
             by_fd[fd] = index
             waiter.register(fd, select.EPOLLIN)
+        # A stop or drain signal wakes the wait at once (Python retries an interrupted epoll
+        # with the rest of its timeout): the signal's byte lands on this pipe.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            previous_wakeup: int | None = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (tests run a relay in a thread): no signals here
+            previous_wakeup = None
+        waiter.register(wake_r, select.EPOLLIN)
         beat_s = self.settings.heartbeat_ms / 1000
         self._next_check = time.monotonic() + beat_s
         self._next_tick = 0.0
@@ -386,6 +394,10 @@ class Relay(ClusterRelay, RelayView):
                 else:
                     timeout_s = 0.02 if links is not None else beat_s / 2
                 for fd, _event in waiter.poll(timeout_s):
+                    if fd == wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 512)
+                        continue
                     look.add(by_fd[fd])
                 if sub_in:
                     look.add(1)  # input held back by backpressure: look again
@@ -405,6 +417,10 @@ class Relay(ClusterRelay, RelayView):
             look |= touched
             touched.clear()
         waiter.close()
+        if previous_wakeup is not None:
+            signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
         if links is not None:
             links.leave()
             links.flush_outboxes()

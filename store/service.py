@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -127,6 +128,14 @@ class StoreService:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
+        # The stop signal wakes the wait at once (an interrupted poll is retried with the rest of
+        # its timeout): the signal's byte lands on this pipe.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            previous_wakeup: int | None = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (tests): no signals here
+            previous_wakeup = None
+        poller.register(wake_r, zmq.POLLIN)
         next_sweep = time.monotonic()  # at once: sessions may have expired while the node was down
         log.info("store up (pid %d, %s)", os.getpid(), self.backend.name)
         self.auth.broadcast(time.monotonic())  # the backend is open: announce users and rules
@@ -142,6 +151,9 @@ class StoreService:
             if auth_wait_s is not None:
                 timeout_ms = min(timeout_ms, int(auth_wait_s * 1000) + 1)
             ready = dict(poller.poll(timeout=timeout_ms))
+            if wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
             if self.pub in ready:
                 while self.pub.poll(0):
                     self.pub.recv()  # subscription changes of workers: nothing to do
@@ -157,6 +169,10 @@ class StoreService:
                 self.auth.tick(time.monotonic())
             except Exception:
                 log.exception("store: commit failed unexpectedly; the writes wait for the next try")
+        if previous_wakeup is not None:
+            signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
         self.writer.commit(time.monotonic(), time.monotonic)
         for sock in (self.router, self.pub):
             sock.close(0)

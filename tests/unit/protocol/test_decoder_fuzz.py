@@ -22,7 +22,7 @@ from tests.unit.protocol.test_codec_roundtrip import connects, packets_after_con
 pytestmark = pytest.mark.timeout(60)
 
 VERSIONS = [None, ProtocolVersion.V311, ProtocolVersion.V5]
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_BYTES = 4096
 
 
