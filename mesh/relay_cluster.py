@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.relay")
 
+TOMBSTONES_MAX = 100_000  # stamps of cleared retained topics kept for merges after a split
+
 
 @dataclass(slots=True)
 class PendingClaim:
@@ -492,7 +494,20 @@ class ClusterRelay:
         stamp = self.clock.stamp(int(time.time() * 1000))
         hits = self.state.retained_meta.get(topic, (ZERO, 0))[1] + 1
         self.state.retained_meta[topic] = (stamp, hits)
+        self._bound_tombstones()
         return stamp, hits
+
+    def _bound_tombstones(self) -> None:
+        """The stamps of cleared topics (tombstones) make a clear win over an older set after a
+        split heals; past TOMBSTONES_MAX the oldest go (a set older than a forgotten clear could
+        then come back after a very long split). Trimmed to 90% at once: sorting is amortised."""
+        meta = self.state.retained_meta
+        retained = self.state.retained
+        if len(meta) - len(retained) <= TOMBSTONES_MAX:
+            return
+        dead = sorted((stamp, topic) for topic, (stamp, _hits) in meta.items() if topic not in retained)
+        for _stamp, topic in dead[: len(dead) - TOMBSTONES_MAX * 9 // 10]:
+            del meta[topic]
 
     def _remote_retained(
         self, channel: bytes, message: env.PublishBatch, data: bytes, body: list[object]
@@ -522,6 +537,8 @@ class ClusterRelay:
             take = mine is None or later(theirs, mine[0])
         if take:
             state.retained_meta[topic] = (theirs, their_hits)
+            if not present:
+                self._bound_tombstones()
             state.apply(CH_RETAINED, message, _now(), mark=channel == CH_RETAINED)
             self._publish_local([channel, data])  # (quiet: stored by the workers, not routed)
             if channel == CH_RETAINED_QUIET and self.settings.store:

@@ -893,3 +893,19 @@ def test_a_peer_that_goes_makes_the_workers_rescan_their_stored_rows(h: Harness,
     h.relay.peer_gone(h.links.peers["b"], why)
     h.quiet(200)
     assert h.rescans == 1
+
+
+def test_tombstones_of_cleared_retained_topics_are_bounded_oldest_first(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mesh.relay_cluster as relay_cluster
+
+    monkeypatch.setattr(relay_cluster, "TOMBSTONES_MAX", 10)
+    h.relay.state.retained["kept"] = ((1, True, b"x", "", None, None, 0), 0.0)  # a retained message
+    h.relay.stamp_retained("kept")  # a set: never trimmed
+    for i in range(20):
+        h.relay.stamp_retained(f"gone/{i}")  # clears (not in the retained set): tombstones
+        tombstones = [t for t in h.relay.state.retained_meta if t != "kept"]
+        assert len(tombstones) <= 10
+    assert "kept" in h.relay.state.retained_meta
+    assert "gone/19" in h.relay.state.retained_meta and "gone/0" not in h.relay.state.retained_meta
