@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from broker.handlers.connect import abort_connecting
-from broker.mesh_codec import session_to_wire
+from broker.mesh_codec import session_from_wire, session_to_wire
 from broker.messages import Message
 from broker.metrics import Counters
 from broker.ports import MeshPort, SessionStore
@@ -28,6 +28,9 @@ from broker.protocol.packets import Will
 from broker.protocol.reasons import Reason
 from broker.session import Session
 from store.records import QueuedRecord
+
+if TYPE_CHECKING:
+    from mesh.envelope import SessionWire
 
 log = logging.getLogger("broker.core")
 
@@ -40,6 +43,7 @@ class SessionLifecycle:
     connected_count: int
     _timers: list[tuple[float, int, str, str]]
     _timer_seq: int
+    worker_index: int
 
     if TYPE_CHECKING:  # provided by BrokerCore and Delivery
 
@@ -136,6 +140,20 @@ class SessionLifecycle:
             return
         self.store.session_saved(session, done)  # (offline: the connection is gone)
         self._forget_session(session)
+
+    def park_in_store(
+        self, client_id: str, state: SessionWire | None, now: float, done: Callable[[float], None]
+    ) -> None:
+        """A session handed to a CONNECT of ours that lost to a newer connection on another node:
+        it is not ours to keep, so it goes to the store (committed before `done`), for the winner
+        to load; a session that ends with its connection leaves nothing to store."""
+        if state is None or state.expiry_s == 0 or not self.store.enabled:
+            done(now)
+            return
+        session, subscriptions = session_from_wire(client_id, state, self.worker_index, now)
+        for key_filter, entry in subscriptions:
+            session.subscriptions[key_filter] = entry  # stored with it, not installed here
+        self.store.session_saved(session, done)
 
     def reassert_online(self) -> None:
         """A node that took our sessions for dead is back: the store hears they are online."""

@@ -44,6 +44,7 @@ class Claim:
     done: Callable[[int, SessionWire | None, float], None]
     deadline: float
     epoch: int = -1  # set when the relay answered and a hand-off is awaited
+    lost: bool = False  # lost to a newer claim elsewhere: the awaited session goes to the store
 
 
 @dataclass(slots=True)
@@ -164,15 +165,19 @@ class ControlPlane:
             if claim is None:
                 return
             assert isinstance(epoch, int)
-            if lost:
+            if lost and (previous is None or previous == self.index):
                 claim.done(CLAIM_LOST, None, now)  # a newer connection on another node won
                 return
+            if lost:
+                # ... while the session was being handed to us: it goes to the store for the
+                # winner once it arrives (mesh/PROTOCOL.md, takeover across nodes)
+                claim.lost = True
             if previous is None or previous == self.index:
                 claim.done(epoch, None, now)
                 return
             key = (claim.client_id, epoch)
             if key in self.early_handoffs:
-                claim.done(epoch, self.early_handoffs.pop(key), now)
+                self._handed(claim, epoch, self.early_handoffs.pop(key), now)
                 return
             claim.epoch = epoch
             claim.deadline = now + self.handoff_timeout_s
@@ -223,6 +228,18 @@ class ControlPlane:
             assert isinstance(worker, int)
             core.forget_worker(worker)
 
+    def _handed(self, claim: Claim, epoch: int, state: SessionWire | None, now: float) -> None:
+        """The session handed to a claim arrived: the claim's, or, if it lost meanwhile to a newer
+        connection on another node, the store's (then `released`, and the winner may load it)."""
+        if not claim.lost:
+            claim.done(epoch, state, now)
+            return
+        core = self.core
+        assert core is not None
+        client_id = claim.client_id
+        core.park_in_store(client_id, state, now, lambda now: self._released(client_id, epoch))
+        claim.done(CLAIM_LOST, None, now)
+
     def _released(self, client_id: str, epoch: int) -> None:
         self._control("released", client_id, epoch)
 
@@ -234,7 +251,7 @@ class ControlPlane:
         claim = self.awaiting_handoff.get(client_id)
         if claim is not None and claim.epoch == epoch:
             del self.awaiting_handoff[client_id]
-            claim.done(epoch, state, now)
+            self._handed(claim, epoch, state, now)
         elif claim is None or claim.epoch < epoch:
             # The relay's answer has not come yet: keep it for the claim (bounded).
             if len(self.early_handoffs) > 10_000:
@@ -274,7 +291,7 @@ class ControlPlane:
                     client_id,
                     self.handoff_timeout_s,
                 )
-                claim.done(claim.epoch, None, now)
+                claim.done(CLAIM_LOST if claim.lost else claim.epoch, None, now)
         for req, claim in list(self.claims.items()):
             if now >= claim.deadline + self.handoff_timeout_s:
                 del self.claims[req]

@@ -63,6 +63,9 @@ class Releasing:
     peer: str
     epoch: int
     deadline: float
+    # Our own older claim lost while a local hand-off to its worker was under way: that worker
+    # writes the handed session to the store and says `released` with this (its claim's) epoch.
+    via_claim: int = -1
 
 
 @dataclass(slots=True)
@@ -158,7 +161,11 @@ class ClusterRelay:
         if claim.lost:
             self.state.unregister(claim.client_id, claim.epoch)
             log.info("client %r: claim lost to a newer connection on another node", claim.client_id)
-            self._reply(claim.identity, "claimed", claim.req_id, claim.client_id, claim.epoch, None, True)
+            # with the old holder, if a hand-off to the claiming worker is under way: it waits
+            # for the session and writes it to the store (see _peer_claim)
+            releasing = self.cluster.releasing.get(claim.client_id)
+            holder = claim.holder if releasing is not None and releasing.via_claim == claim.epoch else None
+            self._reply(claim.identity, "claimed", claim.req_id, claim.client_id, claim.epoch, holder, True)
             return
         self._reply(
             claim.identity, "claimed", claim.req_id, claim.client_id, claim.epoch, claim.holder, False
@@ -169,10 +176,10 @@ class ClusterRelay:
 
     def cluster_released(self, client_id: str, epoch: int) -> None:
         releasing = self.cluster.releasing.get(client_id)
-        if releasing is None or releasing.epoch != epoch:
+        if releasing is None or epoch not in (releasing.epoch, releasing.via_claim):
             return
         del self.cluster.releasing[client_id]
-        self._answer_claim(releasing.peer, client_id, epoch, True)
+        self._answer_claim(releasing.peer, client_id, releasing.epoch, True)
 
     def cluster_unregister(self, client_id: str, epoch: int) -> None:
         if self.links is not None:
@@ -448,6 +455,13 @@ class ClusterRelay:
                 self._answer_claim(peer.name, client_id, epoch, False)
                 return
             pending.lost = True  # ours is older: it loses when it ends
+            if pending.holder is not None and state.alive(pending.holder):
+                # The session is on its way from its old worker to our claiming worker: the peer
+                # may load it only once that worker has written it to the store (`released`).
+                self.cluster.releasing[client_id] = Releasing(
+                    peer.name, epoch, _now() + self.handoff_timeout_s, pending.epoch
+                )
+                return
         held = state.registry.get(client_id)
         if held is not None and pending is None:
             worker, mine = held

@@ -18,6 +18,7 @@ import pytest
 
 from broker.config import MqttConfig
 from broker.core import BrokerCore
+from broker.mesh_codec import session_to_wire
 from broker.messages import Message
 from broker.protocol.packets import (
     Connack,
@@ -501,3 +502,22 @@ def test_a_persistent_connect_loads_the_session_from_the_store() -> None:
     c2 = h.client()
     c2.connect("c2")  # clean start: nothing to load
     assert store.loads == ["c"]
+
+
+def test_a_session_handed_to_a_lost_claim_is_parked_in_the_store_not_kept() -> None:
+    h, _store = harness()
+    c = h.client()
+    c.connect("moving", clean_start=False, properties=Properties(session_expiry_interval_s=300))
+    c.send(Subscribe(1, (Subscription("a/+", 1),)))
+    c.received()
+    state = session_to_wire(h.core.sessions["moving"], h.clock.now)
+    other, other_store = harness()
+    done: list[float] = []
+    other.core.park_in_store("moving", state, other.clock.now, done.append)
+    assert other_store.saved == ["moving"] and done  # committed before `done`
+    assert "moving" not in other.core.sessions  # not installed: it is not this worker's
+    assert len(other.core.subscriptions) == 0
+    # a session that ends with its connection leaves nothing to store
+    ephemeral = dataclasses.replace(session_to_wire(h.core.sessions["moving"], h.clock.now), expiry_s=0)
+    other.core.park_in_store("gone", ephemeral, other.clock.now, done.append)
+    assert other_store.saved == ["moving"] and len(done) == 2

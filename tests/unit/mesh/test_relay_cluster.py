@@ -440,14 +440,6 @@ def test_our_older_pending_claim_loses(h: Harness) -> None:
     assert "cid" not in h.relay.state.registry
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_peer_claim: when our own older claim is pending and the id's previous holder is a "
-    "live local worker (being handed to our claiming worker), the peer gets `claimed ok` at once; "
-    "our claim then loses, the handed-off session is dropped by the losing worker and never "
-    "reaches the store, so the peer's worker may load a stale session (PROTOCOL: answer ok only "
-    "after the older holder was released)",
-)
 def test_a_peer_claim_waits_while_a_local_holder_is_being_handed_over(h: Harness) -> None:
     h.relay.state.workers[2] = _Worker(incarnation=1, last_seen=time.monotonic())
     h.relay.state.registry["cid"] = (2, 100)  # worker 2 holds the client's older connection
@@ -455,6 +447,26 @@ def test_a_peer_claim_waits_while_a_local_holder_is_being_handed_over(h: Harness
     assert h.relay.cluster.claims["cid"].holder == 2
     h.frame("b", "claim", "cid", epoch + 1, False)
     assert ("b", "claimed", ("cid", epoch + 1, True), ()) not in h.links.take()
+    # our claim ends lost; worker 1 is told so *with* the old holder: it waits for the session
+    # being handed to it and writes it to the store
+    h.frame("b", "claimed", "cid", epoch, False)
+    h.frame("c", "claimed", "cid", epoch, True)
+    answer = h.recv()
+    assert (answer.kind, answer.req_id, answer.body) == ("claimed", 7, ("cid", epoch, 2, True))
+    assert h.links.take() == []  # b still waits
+    h.control("released", 0, "cid", epoch)  # worker 1: the handed session is in the store
+    assert h.links.take() == [("b", "claimed", ("cid", epoch + 1, True), ())]
+    assert "cid" not in h.relay.cluster.releasing
+
+
+def test_a_lost_claim_without_a_hand_off_is_told_without_a_holder(h: Harness) -> None:
+    epoch = claim_locally(h)  # nobody held the id
+    h.frame("b", "claim", "cid", epoch + 1, False)
+    assert h.links.take() == [("b", "claimed", ("cid", epoch + 1, True), ())]
+    h.frame("b", "claimed", "cid", epoch, False)
+    h.frame("c", "claimed", "cid", epoch, True)
+    answer = h.recv()
+    assert answer.body == ("cid", epoch, None, True)
 
 
 # -- our claims --------------------------------------------------------------------------------------
