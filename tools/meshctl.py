@@ -45,8 +45,6 @@ from tools.meshctl_client import (
     MeshctlError,
     NodeClient,
     Reply,
-    parse_acl,
-    parse_acl_added,
     parse_address,
     parse_health,
     parse_members,
@@ -55,10 +53,9 @@ from tools.meshctl_client import (
     parse_routes,
     parse_sessions,
     parse_stats,
-    parse_user_change,
-    parse_users,
 )
 from tools.meshctl_tap import DEFAULT_MQTT_PORT, TapMessage, tap
+from tools.meshctl_users import parse_acl, parse_acl_added, parse_user_change, parse_users
 
 __all__ = ["EXIT_FAILED", "build_parser", "main"]
 

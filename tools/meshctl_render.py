@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Final
 
 from tools.meshctl_client import (
-    AclRule,
     Counters,
     Health,
     Json,
@@ -30,8 +29,8 @@ from tools.meshctl_client import (
     Scalar,
     SessionEntry,
     Stats,
-    User,
 )
+from tools.meshctl_users import AclRule, User
 
 __all__ = [
     "PREVIEW_CHARS",
