@@ -43,6 +43,7 @@ class TlsConfig:
     key_file: str = ""  # TLS.KeyFile: its private key (PEM)
     key_password: str = ""  # TLS.KeyPassword: for an encrypted key file
     ca_file: str = ""  # TLS.CaFile: CAs that sign client certificates
+    crl_file: str = ""  # TLS.CrlFile: revoked client certificates (PEM CRLs of those CAs)
     client_certificates: str = "NONE"  # NONE | OPTIONAL | REQUIRED
     subject_as_username: str = "NONE"  # NONE | CN | DN
     min_version: str = "TLSV1.2"  # TLSV1.2 | TLSV1.3
@@ -148,6 +149,7 @@ TLS: Final = _Section(
         "KeyFile": ("key_file", _file),
         "KeyPassword": ("key_password", _text()),
         "CaFile": ("ca_file", _file),
+        "CrlFile": ("crl_file", _file),
         "ClientCertificates": ("client_certificates", _choice(CLIENT_CERTIFICATES, str)),
         "UseSubjectAsUsername": ("subject_as_username", _choice(SUBJECT_AS_USERNAME, str)),
         "MinVersion": ("min_version", _choice(TLS_VERSIONS, str)),
@@ -195,6 +197,10 @@ def check_access(
         raise ConfigError(
             f"TLS.CaFile: needed with TLS.ClientCertificates: {tls.client_certificates} "
             "(the CAs that sign client certificates)"
+        )
+    if tls.crl_file and tls.client_certificates == "NONE":
+        raise ConfigError(
+            "TLS.CrlFile: needs TLS.ClientCertificates: OPTIONAL or REQUIRED (it revokes client certificates)"
         )
     if tls.subject_as_username != "NONE" and tls.client_certificates == "NONE":
         raise ConfigError(

@@ -71,7 +71,9 @@ class Worker:
         self.core = BrokerCore(
             mqtt, mesh=mesh, store=store, worker_index=worker_index, limits=limits, auth=config.auth
         )
-        self.tls_context = tls_context or load_tls(config)
+        context = tls_context or load_tls(config)
+        # the context of the next TLS handshake; SIGHUP puts a new one here
+        self.tls_live = None if context is None else tls.LiveContext(context)
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._ticker_task: asyncio.Task[None] | None = None
@@ -83,7 +85,7 @@ class Worker:
         subject = cfg.tls.subject_as_username
         path, max_frame_bytes = cfg.websocket.path, cfg.mqtt.max_packet_bytes
         listeners: list[tuple[str, int, Callable[[], asyncio.BaseProtocol]]] = []
-        ctx = self.tls_context
+        ctx = self.tls_live
         if ctx is not None:
             tls.install_exception_handler(loop)
         if cfg.tls_port and ctx is not None:
@@ -130,11 +132,12 @@ class Worker:
         self._ticker_task = loop.create_task(self._ticker(), name="tick")
 
     def reload_tls(self) -> None:
-        """SIGHUP: re-read the TLS files into the live context (open connections keep theirs)."""
-        if self.tls_context is None:
+        """SIGHUP: a new TLS context from the files for the next handshakes (open connections
+        keep theirs)."""
+        if self.tls_live is None:
             log.info("worker %d: SIGHUP: no TLS listener, nothing to reload", self.worker_index)
             return
-        tls.reload(self.tls_context, self.config.tls)
+        tls.reload(self.tls_live, self.config.tls)
 
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()

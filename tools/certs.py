@@ -211,6 +211,28 @@ def issue(
     return cert, key
 
 
+def make_crl(directory: str | Path, ca: Ca, revoked: Sequence[str | Path], *, name: str = "crl") -> Path:
+    """A PEM certificate revocation list of `ca` that revokes the certificates in `revoked`
+    (possibly none): `<name>.pem` in directory, valid for 30 days."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{name}.pem"
+    with tempfile.TemporaryDirectory(prefix="meshmq-crl-") as tmp:
+        workdir = Path(tmp)
+        config = _ca_config(workdir, ca, "client", ())
+        (workdir / "crlnumber").write_text("01\n")
+        text = config.read_text().replace(
+            "new_certs_dir = $dir\n",
+            "new_certs_dir = $dir\ncrlnumber = $dir/crlnumber\ndefault_crl_days = 30\n",
+            1,
+        )
+        config.write_text(text)
+        for cert in revoked:
+            _openssl("ca", "-batch", "-config", config, "-revoke", cert)
+        _openssl("ca", "-batch", "-config", config, "-gencrl", "-out", out)
+    return out
+
+
 def _req_config(workdir: Path) -> Path:
     config = workdir / "req.cnf"
     config.write_text("[req]\ndistinguished_name = dn\nprompt = no\n[dn]\n")

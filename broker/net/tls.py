@@ -1,7 +1,7 @@
 """TLS for the TCPS and WSS listeners: the server context, its reload, handshakes, identities.
 
-Why: one place that turns the `TLS` section into an `ssl.SSLContext`, reloads its files on
-SIGHUP, wraps accepted connections so that a failed handshake is seen (one log line, one
+Why: one place that turns the `TLS` section into an `ssl.SSLContext`, builds a new one on
+SIGHUP (the listeners take the current one of a `LiveContext` at each accept), wraps accepted connections so that a failed handshake is seen (one log line, one
 counter), and reads a verified client certificate's subject as the client's identity
 (`broker/ACCESS.md`, "Transports").
 
@@ -82,6 +82,16 @@ def make_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+class LiveContext:
+    """The context the TLS listeners use for their next handshake: `reload` puts a new one here
+    (open connections keep the one they started with)."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+
+
 def _load_files(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     """Load the certificate chain, its key and the client CAs into ctx, naming the key at fault."""
     with_ca = tls.client_certificates != "NONE" and bool(tls.ca_file)
@@ -107,6 +117,19 @@ def _load_files(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
             ctx.load_verify_locations(cafile=tls.ca_file)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"TLS.CaFile: cannot load {tls.ca_file!r}: {_reason(exc)}") from None
+    if with_ca and tls.crl_file:
+        # Revoked client certificates: the CRL of the CA that signs them (PEM), checked for the
+        # client's own certificate; a certificate whose CA has no CRL in the file fails too.
+        try:
+            with open(tls.crl_file, "rb") as crl:
+                if b"-----BEGIN X509 CRL-----" not in crl.read():
+                    raise ConfigError(
+                        f"TLS.CrlFile: {tls.crl_file!r} holds no PEM certificate revocation list"
+                    )
+            ctx.load_verify_locations(cafile=tls.crl_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"TLS.CrlFile: cannot load {tls.crl_file!r}: {_reason(exc)}") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _chain_error(tls: TlsConfig, exc: OSError) -> str:
@@ -136,16 +159,16 @@ def _reason(exc: OSError) -> str:
     return str(reason or exc)
 
 
-def reload(ctx: ssl.SSLContext, tls: TlsConfig) -> bool:
-    """Re-read CertFile, KeyFile and CaFile into the live context (new handshakes use them; open
-    connections keep theirs). Files are tried in a throwaway context first: on any error the old
-    ones stay and the error is logged. True when the new files are in use."""
+def reload(live: LiveContext, tls: TlsConfig) -> bool:
+    """Build a new context from the files (CertFile, KeyFile, CaFile, CrlFile) and make it the
+    one of the next handshakes; open connections keep theirs. On any error the old context stays
+    and the error is logged. True when the new files are in use."""
     try:
-        make_context(tls)
-        _load_files(ctx, tls)
+        ctx = make_context(tls)
     except ConfigError as exc:
         log.error("TLS reload failed, keeping the certificates in use: %s", exc)
         return False
+    live.ctx = ctx
     log.info("TLS reloaded: %s", tls)
     return True
 
@@ -221,7 +244,7 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asynci
 
 def tls_factory(
     loop: asyncio.AbstractEventLoop,
-    ctx: ssl.SSLContext,
+    live: LiveContext,
     app_factory: Callable[[], asyncio.Protocol],
     counters: Counters,
     listener: str,
@@ -236,7 +259,7 @@ def tls_factory(
         waiter: asyncio.Future[None] = loop.create_future()
         app = app_factory()
         wrapped = ssl_protocol(
-            loop, app, ctx, waiter, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            loop, app, live.ctx, waiter, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
         )
         peer = _PeerNote(wrapped)
         waiter.add_done_callback(partial(_handshake_done, peer, counters, listener))

@@ -22,7 +22,7 @@ import pytest
 
 from tests.e2e.broker_proc import BrokerProcess, free_port
 from tests.e2e.clients import TestClient
-from tools.certs import Pki, make_ca, make_pki
+from tools.certs import Pki, make_ca, make_crl, make_pki
 
 pytestmark = pytest.mark.meshmq_only
 
@@ -387,5 +387,38 @@ def test_the_certificate_subject_is_the_username_for_auth_and_acls(
         assert bob.publish("users/alice/x", b"spoof", qos=1) == 0x87
         assert bob.publish("users/bob/x", b"fine", qos=1) == 0x10  # allowed; nobody subscribed
         alice.expect_none(0.3)
+    finally:
+        broker.stop()
+
+
+# --- revocation (TLS.CrlFile) ---------------------------------------------------------------------
+
+
+def test_revoked_client_certificates_are_refused_and_a_new_crl_applies_on_sighup(
+    tmp_path: Path, pki: Pki, clients: list[TestClient]
+) -> None:
+    alice, bob = pki.client_cert("rev-alice"), pki.client_cert("rev-bob")
+    crl = tmp_path / "revoked.pem"
+    shutil.copy(make_crl(tmp_path / "crls", pki.ca, [bob[0]], name="first"), crl)
+    (tmp_path / "node").mkdir()
+    broker = start_broker(
+        tmp_path / "node",
+        pki,
+        {"CaFile": str(pki.ca_cert), "ClientCertificates": "REQUIRED", "CrlFile": str(crl)},
+    )
+    try:
+        sub = connected(clients, broker, tls_context(pki, alice), "rev-alice-sub")
+        sub.subscribe("rev/t", qos=1)
+        assert_refused(clients, broker, tls_context(pki, bob), "rev-bob")
+        # alice is revoked too, and the node told so: her open connection stays, new ones fail
+        shutil.copy(make_crl(tmp_path / "crls", pki.ca, [bob[0], alice[0]], name="second"), crl)
+        reloads = len(broker.wait_log("TLS reloaded", 0))
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGHUP)
+        broker.wait_log("TLS reloaded", reloads + 1)
+        assert_refused(clients, broker, tls_context(pki, alice), "rev-alice-again")
+        carol = connected(clients, broker, tls_context(pki, pki.client_cert("rev-carol")), "rev-carol")
+        carol.publish("rev/t", b"still here", qos=1)
+        assert sub.expect_one().payload == b"still here"
     finally:
         broker.stop()

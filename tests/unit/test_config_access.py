@@ -61,6 +61,7 @@ def test_key_password_is_not_in_the_repr() -> None:
         ({"TLS": {"ClientCertificates": "OPTIONAL"}}, "TLS.CaFile: needed with TLS.ClientCertificates"),
         ({"TLS": {"CaFile": "ca.pem", "UseSubjectAsUsername": "CN"}}, "TLS.UseSubjectAsUsername: needs"),
         ({"TLS": {"MinVersion": "SSLv3"}}, "TLS.MinVersion: must be one of TLSV1.2, TLSV1.3"),
+        ({"TLS": {"CrlFile": "revoked.pem"}}, "TLS.CrlFile: needs TLS.ClientCertificates"),
         ({"WebSocket": {"Path": "mqtt"}}, "WebSocket.Path: must be an HTTP path"),
         ({"TCPS": 70000}, "TCPS: must be an integer from 0 to 65535"),
         (

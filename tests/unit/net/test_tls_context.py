@@ -23,7 +23,7 @@ from broker.config_access import TlsConfig
 from broker.config_values import ConfigError
 from broker.metrics import Counters
 from broker.net import tls
-from tools.certs import Pki, encrypt_key, make_ca, make_pki
+from tools.certs import Pki, encrypt_key, make_ca, make_crl, make_pki
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +170,17 @@ def test_reload_uses_new_files_for_new_handshakes(tmp_path: Path) -> None:
     cfg = TlsConfig(cert_file=str(live / "s.crt"), key_file=str(live / "s.key"))
     shutil.copy(pki.server_cert, live / "s.crt")
     shutil.copy(pki.server_key, live / "s.key")
-    ctx = tls.make_context(cfg)
-    assert handshake(ctx, client_context(pki))[0] == der_of(pki.server_cert)
+    live_ctx = tls.LiveContext(tls.make_context(cfg))
+    old = live_ctx.ctx
+    assert handshake(live_ctx.ctx, client_context(pki))[0] == der_of(pki.server_cert)
 
     new_cert, new_key = pki.server_cert_for("server2", common_name="reloaded")
     shutil.copy(new_cert, live / "s.crt")
     shutil.copy(new_key, live / "s.key")
-    assert tls.reload(ctx, cfg) is True
-    assert handshake(ctx, client_context(pki))[0] == der_of(new_cert)
+    assert tls.reload(live_ctx, cfg) is True
+    assert live_ctx.ctx is not old  # a new context for new handshakes; the old one stays intact
+    assert handshake(live_ctx.ctx, client_context(pki))[0] == der_of(new_cert)
+    assert handshake(old, client_context(pki))[0] == der_of(pki.server_cert)
 
 
 def test_reload_keeps_the_old_files_when_the_new_ones_do_not_load(
@@ -189,19 +192,21 @@ def test_reload_keeps_the_old_files_when_the_new_ones_do_not_load(
     cfg = TlsConfig(cert_file=str(live / "s.crt"), key_file=str(live / "s.key"))
     shutil.copy(pki.server_cert, live / "s.crt")
     shutil.copy(pki.server_key, live / "s.key")
-    ctx = tls.make_context(cfg)
+    live_ctx = tls.LiveContext(tls.make_context(cfg))
+    old = live_ctx.ctx
 
     other_cert, _other_key = pki.server_cert_for("other")
     shutil.copy(other_cert, live / "s.crt")  # the new certificate with the old key: a mismatch
     with caplog.at_level(logging.ERROR, logger="broker.net.tls"):
-        assert tls.reload(ctx, cfg) is False
+        assert tls.reload(live_ctx, cfg) is False
     assert "keeping the certificates in use" in caplog.text
     assert "TLS.KeyFile" in caplog.text
-    assert handshake(ctx, client_context(pki))[0] == der_of(pki.server_cert)
+    assert live_ctx.ctx is old
+    assert handshake(live_ctx.ctx, client_context(pki))[0] == der_of(pki.server_cert)
 
     (live / "s.crt").unlink()
-    assert tls.reload(ctx, cfg) is False
-    assert handshake(ctx, client_context(pki))[0] == der_of(pki.server_cert)
+    assert tls.reload(live_ctx, cfg) is False
+    assert live_ctx.ctx is old
 
 
 # --- identities ------------------------------------------------------------------------------------
@@ -298,7 +303,7 @@ def test_failed_handshakes_are_counted_and_logged_once(
         loop = asyncio.get_running_loop()
         tls.install_exception_handler(loop)
         server = await loop.create_server(
-            tls.tls_factory(loop, ctx, lambda: _Echo(seen), counters, "TCPS"), "127.0.0.1", 0
+            tls.tls_factory(loop, tls.LiveContext(ctx), lambda: _Echo(seen), counters, "TCPS"), "127.0.0.1", 0
         )
         port = server.sockets[0].getsockname()[1]
         for name, client in clients:
@@ -333,3 +338,31 @@ def test_failed_handshakes_are_counted_and_logged_once(
 def test_handshake_reasons() -> None:
     assert tls.handshake_reason(ConnectionAbortedError("slow")) == "no handshake within 10s"
     assert tls.handshake_reason(ConnectionResetError()) == "connection closed during the handshake"
+
+
+# --- revocation ------------------------------------------------------------------------------------
+
+
+def test_a_revoked_client_certificate_fails_and_a_reloaded_crl_revokes_more(pki: Pki, tmp_path: Path) -> None:
+    alice, bob = pki.client_cert("crl-alice"), pki.client_cert("crl-bob")
+    crl = tmp_path / "live-crl.pem"
+    shutil.copy(make_crl(tmp_path, pki.ca, [alice[0]], name="crl-1"), crl)
+    cfg = config(pki, client_certificates="REQUIRED", crl_file=str(crl))
+    live_ctx = tls.LiveContext(tls.make_context(cfg))
+    with pytest.raises(ssl.SSLError):
+        handshake(live_ctx.ctx, client_context(pki, alice))
+    handshake(live_ctx.ctx, client_context(pki, bob))
+    shutil.copy(make_crl(tmp_path, pki.ca, [alice[0], bob[0]], name="crl-2"), crl)
+    assert tls.reload(live_ctx, cfg) is True
+    with pytest.raises(ssl.SSLError):
+        handshake(live_ctx.ctx, client_context(pki, bob))
+    handshake(live_ctx.ctx, client_context(pki, pki.client_cert("crl-carol")))
+
+
+def test_a_crl_file_that_is_not_a_crl_names_the_key(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        tls.make_context(config(pki, client_certificates="REQUIRED", crl_file=str(pki.ca_cert)))
+    assert str(info.value).startswith("TLS.CrlFile:"), info.value
+    with pytest.raises(ConfigError) as info:
+        tls.make_context(config(pki, client_certificates="REQUIRED", crl_file=str(tmp_path / "none.pem")))
+    assert str(info.value).startswith("TLS.CrlFile: cannot load"), info.value
