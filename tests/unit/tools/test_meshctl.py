@@ -404,6 +404,8 @@ class FakeBroker:
                         Publish("t/1", b"\xff\x01binary", 1, packet_id=7),
                         Publish("t/2", b"two", 2, packet_id=8),
                     ]
+                    if self.granted >= 0x80:
+                        continue  # a refused subscription gets nothing (the client leaves)
                     for message in messages[: self.publishes]:
                         conn.sendall(encode(message, V311))
                 elif isinstance(packet, Pubrec):
