@@ -3,31 +3,20 @@
 Why: a scrypt verification takes tens of milliseconds (`store/passwords.py`); done on the event
 loop it would stall every client of the worker. The core asks a `PasswordVerifier` and waits
 like it waits for a session (the CONNECT is held); the worker's verifier runs the hash in a small
-thread pool. A verified password is remembered as an HMAC under a random per-process key, tied
-to the stored hash, so that a reconnect storm (a failover moves thousands of clients at once)
-costs one HMAC per client instead of one scrypt; the password itself is never kept.
+thread pool. (Verified passwords are remembered by `store.passwords.CredentialCache`, which the
+core holds, so a reconnect storm after a failover costs one HMAC per client, not one scrypt.)
 
-Must not: keep a password or a digest that would verify without the key; answer differently for
-"unknown user" and "wrong password" (the same code, and a hash is computed for both, so the time
-taken does not tell them apart either).
+Must not: keep a password; run a hash on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, Protocol
 
-from store.passwords import hash_password, verify_password
-
-CACHE_MAX: Final = 100_000
-# Verified against when the user does not exist, so that an unknown name costs the same time
-# (made on first use: a hash costs tens of milliseconds, every process would pay it at import).
-_dummy: list[str] = []
+from store.passwords import verify_password
 
 VerifyDone = Callable[[bool, float], None]
 
@@ -69,38 +58,3 @@ class ThreadVerifier:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class CredentialCache:
-    """(username, stored hash) -> HMAC of the password that verified against it."""
-
-    __slots__ = ("_key", "_known")
-
-    def __init__(self) -> None:
-        self._key = os.urandom(32)
-        self._known: dict[tuple[str, str], bytes] = {}
-
-    def _mac(self, password: bytes) -> bytes:
-        return hmac.new(self._key, password, hashlib.sha256).digest()
-
-    def knows(self, username: str, stored: str, password: bytes) -> bool:
-        known = self._known.get((username, stored))
-        return known is not None and hmac.compare_digest(known, self._mac(password))
-
-    def remember(self, username: str, stored: str, password: bytes) -> None:
-        if len(self._known) >= CACHE_MAX:
-            self._known.clear()
-        self._known[(username, stored)] = self._mac(password)
-
-    def forget_others(self, current: dict[str, str]) -> None:
-        """The users changed: keep only entries whose user still has the same hash."""
-        self._known = {key: mac for key, mac in self._known.items() if current.get(key[0]) == key[1]}
-
-    def __len__(self) -> int:
-        return len(self._known)
-
-
-def dummy_hash() -> str:
-    if not _dummy:
-        _dummy.append(hash_password(os.urandom(16)))
-    return _dummy[0]

@@ -22,7 +22,7 @@ import heapq
 import logging
 
 from broker.acl import AuthTable, Rule
-from broker.authn import CredentialCache, InlineVerifier, PasswordVerifier
+from broker.authn import InlineVerifier, PasswordVerifier
 from broker.config import AuthConfig, LimitsConfig, MqttConfig
 from broker.delivery import Delivery
 from broker.handlers.common import CONNACK_UNSUPPORTED_VERSION
@@ -39,6 +39,7 @@ from broker.routing.retained import RetainedTree
 from broker.routing.shared import SharedChoice
 from broker.routing.topic_tree import TopicTree
 from broker.session import NEVER_EXPIRES_S, Session, SubEntry
+from store.passwords import CredentialCache
 
 log = logging.getLogger("broker.core")
 

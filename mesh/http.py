@@ -30,11 +30,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import hmac
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,7 +40,7 @@ from typing import Final, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mesh.errors import MeshError
-from store.passwords import verify_password
+from store.passwords import CredentialCache, dummy_hash, verify_password
 
 log = logging.getLogger("mesh.http")
 
@@ -50,9 +48,7 @@ JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 MAX_BODY_BYTES: Final = 65536
 CHALLENGES: Final = ('Bearer realm="meshmq"', 'Basic realm="meshmq", charset="UTF-8"')
-VERIFIED_MAX: Final = 4096  # remembered Basic successes; the memory is dropped whole when full
 # A well-formed hash of no password anyone knows: an unknown user name costs one scrypt too.
-_NOBODY_HASH: Final = "$scrypt$ln=14,r=8,p=1$bm9ib2R5LW5vYm9keQ$" + "A" * 43
 
 
 class ApiError(MeshError):
@@ -125,9 +121,7 @@ class HttpApi:
     def __init__(self, view: NodeView, host: str, port: int, admin_token: str) -> None:
         self.view = view
         self.admin_token = admin_token
-        self._mac_key = os.urandom(32)  # never leaves this process
-        self._verified: dict[tuple[str, str], bytes] = {}  # (user, stored hash) -> HMAC(password)
-        self._verified_lock = threading.Lock()
+        self._verified = CredentialCache()  # admins' Basic passwords that verified
         api = self
 
         class Handler(_Handler):
@@ -158,19 +152,13 @@ class HttpApi:
         stored = self.view.admin_hash(username)
         secret = password.encode()
         if stored is None:
-            verify_password(secret, _NOBODY_HASH)  # the time a wrong password takes
+            verify_password(secret, dummy_hash())  # the time a wrong password takes
             return False
-        mac = hmac.new(self._mac_key, secret, hashlib.sha256).digest()
-        with self._verified_lock:
-            known = self._verified.get((username, stored))
-        if known is not None and hmac.compare_digest(known, mac):
+        if self._verified.knows(username, stored, secret):
             return True
         if not verify_password(secret, stored):
             return False
-        with self._verified_lock:
-            if len(self._verified) >= VERIFIED_MAX:
-                self._verified.clear()
-            self._verified[(username, stored)] = mac
+        self._verified.remember(username, stored, secret)
         return True
 
 

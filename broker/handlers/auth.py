@@ -16,11 +16,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from broker.authn import dummy_hash
 from broker.handlers.common import refuse_connect
 from broker.protocol.connection import ConnectionState, ServerConnection
 from broker.protocol.packets import Connect
 from broker.protocol.reasons import Reason
+from store.passwords import dummy_hash
 
 if TYPE_CHECKING:
     from broker.acl import AuthTable
