@@ -29,8 +29,9 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 
 from broker.config_access import LimitsConfig
-from broker.protocol.packets import Connack, ProtocolVersion, Puback, Publish, Pubrec, Suback, Subscribe
-from broker.protocol.reasons import Reason, connack_code_v311
+from broker.handlers.common import refuse_connect
+from broker.protocol.packets import ProtocolVersion, Publish, Suback, Subscribe
+from broker.protocol.reasons import Reason
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
@@ -270,22 +271,12 @@ def publish_refused(
 
 
 def _refuse_publish(conn: ServerConnection, packet: Publish, reason: Reason) -> None:
-    qos = packet.qos
-    if not qos:
-        return
-    # publish.py imports this module: its ack helper (which keeps the ack order) comes late
-    from broker.handlers.publish import send_ack
+    # publish.py imports this module: its refusal (which keeps the ack order) comes late
+    from broker.handlers.publish import refuse_publish
 
-    pid = packet.packet_id
-    if conn.version is V5:
-        send_ack(conn, Puback(pid, reason) if qos == 1 else Pubrec(pid, reason))
-    elif qos == 1:
-        send_ack(conn, Puback(pid))
-    else:
-        session = conn.session
-        assert session is not None
-        session.inbound_qos2.add(pid)  # acknowledged as usual: its PUBREL gets a PUBCOMP
-        send_ack(conn, Pubrec(pid))
+    session = conn.session
+    assert session is not None
+    refuse_publish(conn, session, packet, reason)
 
 
 def subscribe_refused(
@@ -338,7 +329,7 @@ def connect_refused(limits: ClientLimits, core: BrokerCore, conn: ServerConnecti
         return False
     core.counters.connections_refused += 1
     _refused(core, conn, "connect_rate", f"{core.limits_config.max_connect_rate}/s from this address", now)
-    _refuse_connect(conn, Reason.CONNECTION_RATE_EXCEEDED, "connection rate exceeded")
+    refuse_connect(conn, Reason.CONNECTION_RATE_EXCEEDED, "connection rate exceeded", logged=False)
     return True
 
 
@@ -354,12 +345,5 @@ def will_refused(
     if over is None:
         return False
     _refused(core, conn, over, f"will topic {topic[:80]!r}: {_topic_detail(over, topic, config)}", now)
-    _refuse_connect(conn, Reason.TOPIC_NAME_INVALID, "will topic over the topic limits")
+    refuse_connect(conn, Reason.TOPIC_NAME_INVALID, "will topic over the topic limits", logged=False)
     return True
-
-
-def _refuse_connect(conn: ServerConnection, reason: Reason, text: str) -> None:
-    # as handlers.common.refuse_connect, without its log line on every refusal (logged above)
-    code = int(reason) if conn.version is V5 else connack_code_v311(reason)  # [MQTT-3.2.2-6, -7]
-    conn.send(Connack(False, code))
-    conn.close(f"connect refused: {text} (0x{int(reason):02X})")

@@ -15,17 +15,19 @@ log = logging.getLogger("broker.handlers")
 CONNACK_UNSUPPORTED_VERSION = b"\x20\x02\x00\x01"
 
 
-def refuse_connect(conn: ServerConnection, reason: Reason, text: str) -> None:
-    """Answer CONNECT with a failure CONNACK and close [MQTT-3.2.2-6, -7]."""
+def refuse_connect(conn: ServerConnection, reason: Reason, text: str, *, logged: bool = True) -> None:
+    """Answer CONNECT with a failure CONNACK and close [MQTT-3.2.2-6, -7]; `logged=False` for a
+    caller that rate-limits its own log lines (broker/limits.py)."""
     code = int(reason) if conn.version is ProtocolVersion.V5 else connack_code_v311(reason)
-    log.warning(
-        "client %r from %s: connection refused, 0x%02X %s: %s",
-        conn.client_id or "-",
-        conn.peer,
-        int(reason),
-        reason.name,
-        text,
-    )
+    if logged:
+        log.warning(
+            "client %r from %s: connection refused, 0x%02X %s: %s",
+            conn.client_id or "-",
+            conn.peer,
+            int(reason),
+            reason.name,
+            text,
+        )
     conn.send(Connack(False, code))
     conn.close(f"connect refused: {text} (0x{int(reason):02X})")
 

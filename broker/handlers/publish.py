@@ -289,16 +289,23 @@ def _refuse_not_authorized(
             topic,
             access.denials,
         )
+    refuse_publish(conn, session, packet, Reason.NOT_AUTHORIZED)
+
+
+def refuse_publish(conn: ServerConnection, session: Session, packet: Publish, reason: Reason) -> None:
+    """Answer a PUBLISH that is not routed (rules, limits): 5.0 QoS 1/2 get `reason` in their
+    PUBACK / PUBREC; 3.1.1 has no way to say no, so QoS 1/2 are acknowledged as usual and QoS 2
+    goes on to PUBREL / PUBCOMP [MQTT-3.3.5-2]; QoS 0 gets nothing. Acks keep their order."""
     qos = packet.qos
     if not qos:
         return
     pid = packet.packet_id
     if conn.version is V5:
-        send_ack(conn, Puback(pid, Reason.NOT_AUTHORIZED) if qos == 1 else Pubrec(pid, Reason.NOT_AUTHORIZED))
+        send_ack(conn, Puback(pid, reason) if qos == 1 else Pubrec(pid, reason))
     elif qos == 1:
         send_ack(conn, Puback(pid))
     else:
-        session.inbound_qos2.add(pid)  # the flow goes on to PUBREL / PUBCOMP
+        session.inbound_qos2.add(pid)
         send_ack(conn, Pubrec(pid))
 
 
