@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.broker_proc import BROKER_KIND, BrokerProcess
+from tests.e2e.clients import TestClient
 
 BrokerFactory = Callable[..., BrokerProcess]
 
@@ -43,3 +44,13 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
 @pytest.fixture
 def broker(broker_factory: BrokerFactory) -> BrokerProcess:
     return broker_factory()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[TestClient]]:
+    """Clients a test makes itself (TLS, WebSocket: options the factory does not take), closed at
+    teardown."""
+    made: list[TestClient] = []
+    yield made
+    for c in made:
+        c.close()

@@ -95,14 +95,6 @@ def optional(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Bro
     broker.stop()
 
 
-@pytest.fixture
-def clients() -> Iterator[list[TestClient]]:
-    made: list[TestClient] = []
-    yield made
-    for c in made:
-        c.close()
-
-
 def tls_context(pki: Pki, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     if cert is not None:

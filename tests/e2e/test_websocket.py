@@ -53,14 +53,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Broke
     b.stop()
 
 
-@pytest.fixture
-def clients() -> Iterator[list[TestClient]]:
-    made: list[TestClient] = []
-    yield made
-    for c in made:
-        c.close()
-
-
 def ws_client(
     made: list[TestClient],
     broker: BrokerProcess,
